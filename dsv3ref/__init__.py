@@ -1,0 +1,17 @@
+"""dsv3ref: a readable, tested reference implementation of DeepSeek-V3 in PyTorch."""
+
+from dsv3ref.checkpoint import CheckpointError, save_pretrained
+from dsv3ref.config import ModelConfig, RopeScaling
+from dsv3ref.model import DeepseekV3
+from dsv3ref.params import ParameterCount, count_parameters
+
+__all__ = [
+    "CheckpointError",
+    "DeepseekV3",
+    "ModelConfig",
+    "ParameterCount",
+    "RopeScaling",
+    "count_parameters",
+    "save_pretrained",
+]
+__version__ = "0.1.0"

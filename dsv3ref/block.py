@@ -1,0 +1,29 @@
+"""One decoder layer: pre-norm attention and pre-norm feed-forward, each added to the residual."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv3ref.config import ModelConfig
+from dsv3ref.mla import MLA
+from dsv3ref.mlp import MLP
+from dsv3ref.moe import MoE
+from dsv3ref.norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    """h = x + MLA(norm(x)); out = h + FFN(norm(h)), FFN dense for the first layers and MoE after."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, attn_impl: str = "naive", moe_impl: str = "loop"):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, attn_impl)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg, moe_impl) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (b, t, dim) -> (b, t, dim); cos/sin and mask as for `MLA.forward`."""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))

@@ -1,0 +1,197 @@
+"""Reading and writing checkpoints in the published Hugging Face layout.
+
+A checkpoint folder holds `config.json` and either one `model.safetensors` or several shards listed
+by `model.safetensors.index.json` (`{"weight_map": {tensor name: shard file}}`). Tensor names are the
+parameter names of `DeepseekV3` (`model.layers.3.mlp.experts.17.gate_proj.weight`, ...).
+
+Only safetensors and JSON are read: nothing is unpickled and no code from a checkpoint is run.
+Every file is written under a temporary name and renamed into place once complete, so an
+interrupted save never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dsv3ref.config import ModelConfig
+
+if TYPE_CHECKING:
+    from dsv3ref.model import DeepseekV3
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked: the message names the file and tensor."""
+
+
+# ---------------------------------------------------------------------------------------- writing
+def _atomic_replace(path: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp_path to path; remove the temporary file on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a safetensors file atomically."""
+    _atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write `model` to folder `path` as config.json + safetensors, in the published layout.
+
+    Tensors are kept in the model's dtype. One `model.safetensors` is written if everything fits in
+    `max_shard_bytes`; otherwise numbered shards and `model.safetensors.index.json`.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"save_pretrained: {path} exists and is not a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+
+    old_index = path / INDEX_FILE
+    old_shards = set()
+    if old_index.is_file():
+        old_shards = set(json.loads(old_index.read_text()).get("weight_map", {}).values())
+    if len(shards) == 1:
+        atomic_save_tensors(path / SINGLE_FILE, shards[0])
+        new_files = {SINGLE_FILE}
+        if old_index.is_file():
+            old_index.unlink()  # it would take precedence over the new single file
+    else:
+        weight_map = {}
+        total = len(shards)
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{total:05d}.safetensors"
+            atomic_save_tensors(path / fname, shard)
+            weight_map.update(dict.fromkeys(shard, fname))
+        total_size = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+        atomic_write_text(old_index, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        new_files = set(weight_map.values())
+    for stale in old_shards - new_files:
+        (path / stale).unlink(missing_ok=True)
+    model.config.save(path)
+
+
+# ---------------------------------------------------------------------------------------- reading
+def tensor_files(path: str | Path) -> dict[str, Path]:
+    """Map every tensor name of the checkpoint in folder `path` to the safetensors file holding it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path}: expected a checkpoint folder (config.json + safetensors), found a file")
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({e!r})") from None
+        files = {name: path / fname for name, fname in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{index}: lists shard {f.name}, which is not in {path}")
+        return files
+    single = path / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    raise CheckpointError(f"{path}: expected {SINGLE_FILE} or {INDEX_FILE}; found "
+                          f"{found if found else 'no safetensors files'}")
+
+
+def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl) -> DeepseekV3:
+    """Build `cls(config)` on `device` in `dtype` and fill it from the checkpoint in `path`."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype: expected a floating torch.dtype such as torch.float32, found {dtype!r}")
+    path = Path(path)
+    files = tensor_files(path)
+    cfg = ModelConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = cls(cfg, attn_impl=attn_impl, moe_impl=moe_impl)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    targets = model.state_dict()
+    if cfg.tie_word_embeddings:
+        del targets["lm_head.weight"]  # the embedding, loaded under its own name
+
+    by_file: dict[Path, list[str]] = {}
+    unused: list[str] = []
+    for name, file in files.items():
+        if name in targets:
+            by_file.setdefault(file, []).append(name)
+            continue
+        m = _LAYER.match(name)
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            raise CheckpointError(f"{file}: stores lm_head.weight although config.json sets "
+                                  "tie_word_embeddings=true (the head is the embedding)")
+        if m and int(m.group(1)) >= cfg.num_hidden_layers:
+            unused.append(name)  # a Multi-Token Prediction module: not part of the main model
+        elif name.endswith(".weight_scale_inv"):
+            raise CheckpointError(f"{file}: tensor {name} is an FP8 block scale; this checkpoint stores "
+                                  "FP8 weights, which dsv3ref does not load yet (convert it to bf16 first)")
+        else:
+            raise CheckpointError(f"{file}: unexpected tensor {name} (not a DeepSeek-V3 parameter for this "
+                                  f"config.json; {len(targets)} parameters expected)")
+
+    loaded = set()
+    with torch.no_grad():
+        for file, names in by_file.items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in names:
+                    sl = f.get_slice(name)
+                    shape, kind = tuple(sl.get_shape()), sl.get_dtype()
+                    want = tuple(targets[name].shape)
+                    if shape != want:
+                        raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {want} "
+                                              f"from config.json")
+                    if kind not in _FLOAT_DTYPES:
+                        raise CheckpointError(f"{file}: tensor {name} has dtype {kind}, expected one of "
+                                              f"{sorted(_FLOAT_DTYPES)}")
+                    targets[name].copy_(f.get_tensor(name))
+                    loaded.add(name)
+    missing = sorted(set(targets) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: missing tensor(s) {shown}")
+    model.unused_tensors = sorted(unused)
+    return model.eval()

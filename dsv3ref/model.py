@@ -1,0 +1,120 @@
+"""The whole DeepSeek-V3 language model: embedding, decoder layers, final norm, LM head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dsv3ref.block import DecoderLayer
+from dsv3ref.config import ModelConfig
+from dsv3ref.mla import ATTN_IMPLS
+from dsv3ref.moe import MOE_IMPLS
+from dsv3ref.norm import RMSNorm
+from dsv3ref.rope import RotaryEmbedding
+
+
+class DeepseekV3Body(nn.Module):
+    """What the checkpoint calls `model.*`: `embed_tokens`, `layers.{i}`, `norm`."""
+
+    def __init__(self, cfg: ModelConfig, attn_impl: str, moe_impl: str):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attn_impl, moe_impl) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DeepseekV3(nn.Module):
+    """DeepSeek-V3 causal language model.
+
+    `DeepseekV3(cfg)` builds it with random weights (normal, std = cfg.initializer_range; norms at
+    one; router bias at zero); `DeepseekV3.from_pretrained(path)` loads a Hugging Face-format
+    checkpoint. Parameter names equal the checkpoint's tensor names.
+
+    attn_impl: "naive" (expand per-head K/V from the latent). moe_impl: "loop" (one expert at a time).
+    """
+
+    def __init__(self, cfg: ModelConfig, attn_impl: str = "naive", moe_impl: str = "loop"):
+        super().__init__()
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl: found {attn_impl!r}, expected one of {ATTN_IMPLS}")
+        if moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl: found {moe_impl!r}, expected one of {MOE_IMPLS}")
+        self.config = cfg
+        self.attn_impl = attn_impl
+        self.moe_impl = moe_impl
+        self.model = DeepseekV3Body(cfg, attn_impl, moe_impl)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg)
+        self.reset_parameters()
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random initialization as in the report: N(0, initializer_range^2) for every matrix."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        for name, b in self.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                nn.init.zeros_(b)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def check_input_ids(self, input_ids: torch.Tensor, start_pos: int = 0) -> None:
+        """Raise a clear error for input that is not (batch, seq) token ids the model can take."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids: expected a torch.Tensor of token ids, found {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape (batch, seq), found {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise ValueError(f"input_ids: expected an integer tensor, found dtype {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids: the sequence is empty (shape[1] == 0)")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={self.config.vocab_size}), "
+                             f"found values in [{lo}, {hi}]")
+        end = start_pos + input_ids.shape[1]
+        if end > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids: positions up to {end - 1} exceed max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (batch, seq) int -> logits (batch, seq, vocab_size), causal, without a cache."""
+        self.check_input_ids(input_ids)
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        x = self.model.embed_tokens(input_ids.long())  # (b, t, dim)
+        cos, sin = self.rotary(positions, x.dtype)  # (b, t, rope/2) each
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril().expand(b, t, t)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask)
+        return self.lm_head(self.model.norm(x))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        attn_impl: str = "naive",
+        moe_impl: str = "loop",
+    ) -> DeepseekV3:
+        """Load a checkpoint folder (config.json + model.safetensors or shards with an index)."""
+        from dsv3ref.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, attn_impl=attn_impl, moe_impl=moe_impl)

@@ -1,0 +1,57 @@
+"""The DeepSeekMoE layer: shared experts plus routed experts (DeepSeek-V3 report, eq. 12).
+
+    h'_t = u_t + sum_{i <= N_s} FFN_i^(s)(u_t) + sum_{i <= N_r} g_{i,t} FFN_i^(r)(u_t)
+
+(the residual u_t is added by the decoder block). The N_s shared experts are stored fused as one
+MLP of width N_s * moe_intermediate_size, as in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from dsv3ref.config import ModelConfig
+from dsv3ref.mlp import MLP
+from dsv3ref.router import Router
+
+MOE_IMPLS = ("loop",)
+
+
+class MoE(nn.Module):
+    """Routed + shared experts with the checkpoint's names: `gate`, `experts.{e}`, `shared_experts`."""
+
+    def __init__(self, cfg: ModelConfig, moe_impl: str = "loop"):
+        super().__init__()
+        if moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl: found {moe_impl!r}, expected one of {MOE_IMPLS}")
+        self.moe_impl = moe_impl
+        self.gate = Router(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                     for _ in range(cfg.n_routed_experts))
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (b, t, dim) -> (b, t, dim)."""
+        tokens = rearrange(x, "b t d -> (b t) d")
+        weights, ids = self.gate(tokens)  # (n, k), (n, k)
+        out = self.routed_loop(tokens, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+        return rearrange(out, "(b t) d -> b t d", b=x.shape[0])
+
+    def routed_loop(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The readable oracle: visit each expert, run it on the tokens routed to it, add g * output.
+
+        tokens (n, dim), weights (n, k), ids (n, k) -> (n, dim).
+        """
+        out = torch.zeros_like(tokens)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(ids == e)  # the tokens that chose expert e, and in which slot
+            if token_idx.numel() == 0:
+                continue
+            gate = weights[token_idx, slot, None].to(tokens.dtype)  # (m, 1)
+            out.index_add_(0, token_idx, expert(tokens[token_idx]) * gate)
+        return out

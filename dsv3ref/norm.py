@@ -1,0 +1,27 @@
+"""RMSNorm: y = w * x / sqrt(mean(x^2) + eps), computed in at least float32."""
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalization over the last axis (no centering, no bias).
+
+    Shapes: (..., dim) -> (..., dim). The statistics are taken in float32 (float64 for float64 input)
+    and the normalized value is cast back to the input dtype before the weight multiplies it, as the
+    released inference code and Hugging Face do, so bf16 runs round at the same place.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        h = x.to(compute)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -1,0 +1,98 @@
+"""DeepSeekMoE routing (DeepSeek-V3 report, section 2.1.2, eqs. 13-16).
+
+For each token u_t the router computes an affinity per routed expert,
+
+    s_{i,t} = sigmoid(u_t . e_i)                                  (eq. 15; softmax in DeepSeek-V2)
+
+and chooses experts by the *biased* score s_{i,t} + b_i (eq. 16), where b_i is the auxiliary-loss-free
+balancing bias (`e_score_correction_bias`). Choice is group-limited: the experts are split into
+`n_group` groups, each group is ranked by the sum of its two best biased scores, only the best
+`topk_group` groups stay eligible, and the top `num_experts_per_tok` experts among them are chosen.
+The gate values use the *unbiased* scores of the chosen experts, normalized to sum to one (eq. 13)
+and multiplied by `routed_scaling_factor`. The bias therefore changes which experts run, never how
+much their outputs weigh.
+
+Ties are broken towards the lower index (a stable sort), so the choice is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange, reduce
+from torch import nn
+
+from dsv3ref.config import ModelConfig
+
+
+def _top_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of the last axis, largest first, ties to the lower index."""
+    return torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def select_experts(
+    scores: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    topk_method: str = "noaux_tc",
+) -> torch.Tensor:
+    """Group-limited top-k choice of experts.
+
+    scores: (tokens, experts) affinities s_{i,t}; bias: (experts,) or None.
+    Returns the chosen expert ids, (tokens, top_k), best first.
+    """
+    choice = scores if bias is None else scores + bias  # (tokens, experts)
+    if topk_method == "greedy" or n_group == 1:
+        return _top_indices(choice, top_k)
+    grouped = rearrange(choice, "n (g e) -> n g e", g=n_group)
+    if topk_method == "noaux_tc":
+        group_score = grouped.topk(2, dim=-1).values.sum(-1)  # (tokens, groups)
+    else:  # group_limited_greedy
+        group_score = reduce(grouped, "n g e -> n g", "max")
+    keep = torch.zeros_like(group_score, dtype=torch.bool)
+    keep.scatter_(1, _top_indices(group_score, topk_group), True)
+    masked = grouped.masked_fill(~rearrange(keep, "n g -> n g 1"), float("-inf"))
+    return _top_indices(rearrange(masked, "n g e -> n (g e)"), top_k)
+
+
+class Router(nn.Module):
+    """The gate of an MoE layer: token -> (gate values, expert ids).
+
+    Parameters as in the checkpoint: `weight` (experts, dim) and, for topk_method "noaux_tc", the
+    buffer `e_score_correction_bias` (experts,), which is not trained by gradient descent.
+    Scores are computed in float32 (float64 for float64 input) whatever the weights' dtype.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.n_group = cfg.n_group
+        self.topk_group = cfg.topk_group
+        self.topk_method = cfg.topk_method
+        self.scoring_func = cfg.scoring_func
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x (tokens, dim) -> affinities s (tokens, experts), in at least float32."""
+        compute = torch.promote_types(x.dtype, torch.float32)
+        logits = x.to(compute) @ self.weight.to(compute).T  # (tokens, experts)
+        return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (tokens, dim) -> weights (tokens, top_k) float32+, expert ids (tokens, top_k) int64."""
+        s = self.scores(x)
+        bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.to(s.dtype)
+        ids = select_experts(s, bias, top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
+                             topk_method=self.topk_method)
+        weights = s.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, ids

@@ -1,0 +1,12 @@
+import os
+
+import pytest
+import torch
+
+# Two threads: the CI machine's core count. Results do not depend on it.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
