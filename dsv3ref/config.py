@@ -142,13 +142,15 @@ class ModelConfig:
     """FP8 storage of the checkpoint (None for a bf16/fp32 checkpoint)."""
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
-    pad_token_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     """Keys of config.json that do not change the computation; kept so a round trip preserves them."""
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling.from_dict(self.rope_scaling)
+        # What Hugging Face needs to recognize a written config.json.
+        self.extra.setdefault("model_type", "deepseek_v3")
+        self.extra.setdefault("architectures", ["DeepseekV3ForCausalLM"])
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
@@ -266,8 +268,6 @@ class ModelConfig:
                 continue
             value = getattr(self, f.name)
             d[f.name] = value.to_dict() if isinstance(value, RopeScaling) else value
-        d.setdefault("model_type", "deepseek_v3")
-        d.setdefault("architectures", ["DeepseekV3ForCausalLM"])
         return d
 
     @classmethod

@@ -106,7 +106,7 @@ def brute_force_route(scores, bias, top_k, n_group, topk_group, method):
     """Enumerate groups, then experts, in plain Python; ties go to the lower index."""
     n_experts = len(scores)
     per = n_experts // n_group
-    choice = [s + (b if bias is not None else 0.0) for s, b in zip(scores, bias or [0.0] * n_experts)]
+    choice = [s + (b if bias is not None else 0.0) for s, b in zip(scores, bias or [0.0] * n_experts, strict=True)]
     groups = [list(range(g * per, (g + 1) * per)) for g in range(n_group)]
     if method == "greedy" or n_group == 1:
         eligible = list(range(n_experts))

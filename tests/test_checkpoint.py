@@ -1,0 +1,162 @@
+"""Checkpoint reading and writing in the published layout, and its error messages."""
+
+import json
+
+import pytest
+import torch
+from helpers import random_dsv3ref, tiny_config
+from safetensors.torch import load_file, save_file
+
+import dsv3ref
+from dsv3ref import CheckpointError, DeepseekV3
+
+
+@pytest.fixture
+def saved(tmp_path):
+    cfg = tiny_config()
+    model = random_dsv3ref(cfg, seed=5)
+    dsv3ref.save_pretrained(model, tmp_path / "ckpt")
+    return model, tmp_path / "ckpt"
+
+
+def test_round_trip_reproduces_logits_bit_for_bit(saved, tmp_path):
+    model, path = saved
+    ids = torch.randint(0, model.config.vocab_size, (2, 17))
+    again = DeepseekV3.from_pretrained(path)
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+    dsv3ref.save_pretrained(again, tmp_path / "twice")
+    assert load_file(tmp_path / "twice" / "model.safetensors").keys() == load_file(path / "model.safetensors").keys()
+    assert not list(path.glob(".*tmp"))
+
+
+def test_names_follow_the_published_layout(saved):
+    _, path = saved
+    names = set(load_file(path / "model.safetensors"))
+    for expected in ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                     "model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+                     "model.layers.0.self_attn.kv_b_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+                     "model.layers.1.mlp.experts.7.down_proj.weight", "model.layers.1.mlp.gate.weight",
+                     "model.layers.1.mlp.gate.e_score_correction_bias",
+                     "model.layers.1.mlp.shared_experts.up_proj.weight"]:
+        assert expected in names
+
+
+def test_sharded_checkpoint_with_index_loads(saved, tmp_path):
+    model, _ = saved
+    dsv3ref.save_pretrained(model, tmp_path / "sharded", max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 3 and all((tmp_path / "sharded" / s).is_file() for s in shards)
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(DeepseekV3.from_pretrained(tmp_path / "sharded")(ids), model(ids))
+    # writing a single file over the sharded folder leaves no stale index behind
+    dsv3ref.save_pretrained(model, tmp_path / "sharded")
+    assert not (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_dtype_and_bf16_checkpoints(saved, tmp_path):
+    model, path = saved
+    m64 = DeepseekV3.from_pretrained(path, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in m64.parameters())
+    bf16 = DeepseekV3.from_pretrained(path, dtype=torch.bfloat16)
+    dsv3ref.save_pretrained(bf16, tmp_path / "bf16")
+    assert load_file(tmp_path / "bf16" / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
+    back = DeepseekV3.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight.bfloat16().float())
+
+
+def test_mtp_layer_tensors_do_not_break_loading(saved):
+    model, path = saved
+    tensors = load_file(path / "model.safetensors")
+    n = model.config.num_hidden_layers
+    mtp = {f"model.layers.{n}.enorm.weight": torch.ones(48), f"model.layers.{n}.eh_proj.weight": torch.zeros(48, 96)}
+    save_file(tensors | mtp, path / "model.safetensors", metadata={"format": "pt"})
+    loaded = DeepseekV3.from_pretrained(path)
+    assert loaded.unused_tensors == sorted(mtp)
+
+
+def _rewrite(path, change):
+    tensors = load_file(path / "model.safetensors")
+    change(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(saved):
+    _, path = saved
+    _rewrite(path, lambda t: t.pop("model.layers.2.self_attn.kv_b_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) model.layers.2.self_attn.kv_b_proj.weight"):
+        DeepseekV3.from_pretrained(path)
+
+
+def test_misshapen_tensor_is_named_with_both_shapes(saved):
+    _, path = saved
+    _rewrite(path, lambda t: t.update({"model.norm.weight": torch.ones(47)}))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.norm.weight has shape \(47,\), "
+                                              r"expected \(48,\)"):
+        DeepseekV3.from_pretrained(path)
+
+
+def test_unexpected_and_fp8_tensors_are_named(saved):
+    _, path = saved
+    _rewrite(path, lambda t: t.update({"model.layers.0.self_attn.rotary.inv_freq": torch.ones(4)}))
+    with pytest.raises(CheckpointError, match="unexpected tensor model.layers.0.self_attn.rotary.inv_freq"):
+        DeepseekV3.from_pretrained(path)
+    _rewrite(path, lambda t: (t.pop("model.layers.0.self_attn.rotary.inv_freq"),
+                              t.update({"model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(1, 1)})))
+    with pytest.raises(CheckpointError, match="weight_scale_inv is an FP8 block scale"):
+        DeepseekV3.from_pretrained(path)
+
+
+def test_integer_tensor_is_refused(saved):
+    _, path = saved
+    _rewrite(path, lambda t: t.update({"model.norm.weight": torch.ones(48, dtype=torch.int32)}))
+    with pytest.raises(CheckpointError, match="model.norm.weight has dtype I32"):
+        DeepseekV3.from_pretrained(path)
+
+
+def test_folder_errors(tmp_path, saved):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        DeepseekV3.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="expected model.safetensors or model.safetensors.index.json"):
+        DeepseekV3.from_pretrained(tmp_path / "empty")
+    _, path = saved
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-9.safetensors"}}))
+    with pytest.raises(CheckpointError, match="lists shard model-9.safetensors"):
+        DeepseekV3.from_pretrained(path)
+
+
+def test_failed_save_leaves_no_partial_file(saved, tmp_path, monkeypatch):
+    model, _ = saved
+    import dsv3ref.checkpoint as ck
+
+    def boom(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        dsv3ref.save_pretrained(model, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_bad_arguments_are_clear(saved):
+    model, path = saved
+    with pytest.raises(ValueError, match="attn_impl: found 'flash'"):
+        DeepseekV3.from_pretrained(path, attn_impl="flash")
+    with pytest.raises(ValueError, match="moe_impl: found 'fast'"):
+        DeepseekV3.from_pretrained(path, moe_impl="fast")
+    with pytest.raises(ValueError, match="dtype: expected a floating"):
+        DeepseekV3.from_pretrained(path, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"input_ids: expected shape \(batch, seq\)"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size=97\)"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="exceed max_position_embeddings=128"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+    with pytest.raises(ValueError, match="expected an integer tensor"):
+        model(torch.zeros(1, 3))
