@@ -1,17 +1,23 @@
 """dsv3ref: a readable, tested reference implementation of DeepSeek-V3 in PyTorch."""
 
+from dsv3ref.cache import KVCache, kv_cache_bytes
 from dsv3ref.checkpoint import CheckpointError, save_pretrained
 from dsv3ref.config import ModelConfig, RopeScaling
+from dsv3ref.generate import Generation, generate
 from dsv3ref.model import DeepseekV3
 from dsv3ref.params import ParameterCount, count_parameters
 
 __all__ = [
     "CheckpointError",
     "DeepseekV3",
+    "Generation",
+    "KVCache",
     "ModelConfig",
     "ParameterCount",
     "RopeScaling",
     "count_parameters",
+    "generate",
+    "kv_cache_bytes",
     "save_pretrained",
 ]
 __version__ = "0.1.0"

@@ -23,7 +23,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, moe_impl) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x (b, t, dim) -> (b, t, dim); cos/sin and mask as for `MLA.forward`."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                positions: torch.Tensor | None = None, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (b, t, dim) -> (b, t, dim); the other arguments as for `MLA.forward`."""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, positions, cache)
         return h + self.mlp(self.post_attention_layernorm(h))

@@ -16,21 +16,28 @@ Position enters only through a small rotary key shared by all heads,
 and the key of head i is [k_{t,i}^C ; k_t^R]. Queries are built the same way from their own latent
 c_t^Q (eqs. 6-9; q_a_proj, q_a_layernorm, q_b_proj), or from h_t directly when q_lora_rank is None.
 
-This module is the readable oracle: it expands per-head keys and values and attends as ordinary
-multi-head attention does.
+Two implementations share these weights:
+
+- "naive", the readable oracle: expand per-head keys and values from the latent and attend as
+  multi-head attention does (its cache holds the expanded keys and values);
+- "absorb", what MLA is for at inference: since q_i . k_i^C = q_i^C . (W^UK_i c) = (W^UK_i^T q_i^C) . c,
+  the key half of kv_b_proj is folded into the query ("absorbed") and scores are taken directly
+  against the cached latent c; likewise o_i = sum_s p_s W^UV_i c_s = W^UV_i (sum_s p_s c_s), so the
+  value half is applied once, after attention. Keys and values are never expanded, and the cache
+  holds only c^KV and k^R (see dsv3ref.cache).
 """
 
 from __future__ import annotations
 
 import torch
-from einops import einsum, rearrange
+from einops import einsum, rearrange, repeat
 from torch import nn
 
 from dsv3ref.config import ModelConfig
 from dsv3ref.norm import RMSNorm
 from dsv3ref.rope import apply_rope, softmax_scale
 
-ATTN_IMPLS = ("naive",)
+ATTN_IMPLS = ("naive", "absorb")
 
 
 class MLA(nn.Module):
@@ -80,28 +87,74 @@ class MLA(nn.Module):
         kv = rearrange(self.kv_b_proj(c_kv), "b s (h d) -> b s h d", h=self.n_heads)
         return kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Attend over the chunk itself.
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Attention for a chunk of t new tokens.
 
-        x: (b, t, dim); cos, sin: (b, t, rope/2) for the chunk's positions;
-        mask: (b, t, s) bool, True where query t may see key s. Returns (b, t, dim).
+        x: (b, t, dim); cos, sin: (b, t, rope/2) at the chunk's positions.
+        Without a cache the keys are the chunk itself and mask is (b, t, t). With a cache (one
+        layer's tensors of a `KVCache`), the chunk's keys are first written at `positions` (b, t),
+        then the keys at cache indices 0..s-1 are attended, with mask (b, t, s).
+        True in mask means query t may see key s. Returns (b, t, dim).
         """
         q_nope, q_rope = self.query(x, cos, sin)
         c_kv, k_rope = self.latent(x, cos, sin)
-        k_nope, v = self.expand(c_kv)
-        return self.o_proj(self.attend(q_nope, q_rope, k_nope, k_rope, v, mask))
+        if self.attn_impl == "naive":
+            k_nope, v = self.expand(c_kv)
+            k = torch.cat([k_nope, repeat(k_rope, "b s d -> b s h d", h=self.n_heads)], dim=-1)
+            if cache is not None:
+                k, v = self._store(cache, positions, mask.shape[-1], k=k, v=v)
+            out = self.attend_naive(torch.cat([q_nope, q_rope], dim=-1), k, v, mask)
+        else:
+            if cache is not None:
+                c_kv, k_rope = self._store(cache, positions, mask.shape[-1], c_kv=c_kv, k_rope=k_rope)
+            out = self.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+        return self.o_proj(out)
 
-    def attend(self, q_nope, q_rope, k_nope, k_rope, v, mask) -> torch.Tensor:
-        """Softmax attention with per-head keys [k_nope ; k_rope] (eqs. 10-11).
+    @staticmethod
+    def _store(cache: dict[str, torch.Tensor], positions: torch.Tensor, end: int, **new: torch.Tensor):
+        """Write each new (b, t, ...) tensor at cache[name][row, positions[row, j]]; return the prefixes
+        cache[name][:, :end]."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]  # (b, 1)
+        for name, value in new.items():
+            cache[name][rows, positions] = value.to(cache[name].dtype)
+        return tuple(cache[name][:, :end] for name in new)
 
-        q_nope (b, t, h, dn), q_rope (b, t, h, dr), k_nope (b, s, h, dn), k_rope (b, s, dr),
-        v (b, s, h, dv), mask (b, t, s) -> (b, t, h * dv).
-        """
-        scores = einsum(q_nope, k_nope, "b t h d, b s h d -> b h t s") + einsum(
-            q_rope, k_rope, "b t h d, b s d -> b h t s")
-        scores = scores * self.softmax_scale
+    def _softmax(self, scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """scores (b, h, t, s) * softmax_scale, masked by mask (b, t, s), softmax over s in >= float32."""
         compute = torch.promote_types(scores.dtype, torch.float32)
-        scores = scores.to(compute).masked_fill(~rearrange(mask, "b t s -> b 1 t s"), float("-inf"))
-        probs = scores.softmax(dim=-1).to(v.dtype)
-        out = einsum(probs, v, "b h t s, b s h d -> b t h d")
+        scores = (scores.to(compute) * self.softmax_scale).masked_fill(
+            ~rearrange(mask, "b t s -> b 1 t s"), float("-inf"))
+        return scores.softmax(dim=-1).to(dtype)
+
+    def attend_naive(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Multi-head attention with per-head keys [k^C ; k^R] (eqs. 10-11).
+
+        q (b, t, h, qk_head_dim), k (b, s, h, qk_head_dim), v (b, s, h, v_head_dim), mask (b, t, s)
+        -> (b, t, h * v_head_dim).
+        """
+        probs = self._softmax(einsum(q, k, "b t h d, b s h d -> b h t s"), mask, v.dtype)
+        return rearrange(einsum(probs, v, "b h t s, b s h d -> b t h d"), "b t h d -> b t (h d)")
+
+    def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:
+        """The same attention computed against the latent, with W^UK and W^UV absorbed.
+
+        q_nope (b, t, h, dn), q_rope (b, t, h, dr), c_kv (b, s, r), k_rope (b, s, dr), mask (b, t, s)
+        -> (b, t, h * dv). Costs O(s * h * (r + dr)) per query instead of expanding s keys and values.
+        """
+        w = rearrange(self.kv_b_proj.weight, "(h d) r -> h d r", h=self.n_heads)
+        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]  # (h, dn, r), (h, dv, r)
+        q_latent = einsum(q_nope, w_uk, "b t h d, h d r -> b t h r")  # the query, moved into latent space
+        scores = einsum(q_latent, c_kv, "b t h r, b s r -> b h t s") + einsum(
+            q_rope, k_rope, "b t h d, b s d -> b h t s")
+        probs = self._softmax(scores, mask, c_kv.dtype)
+        out_latent = einsum(probs, c_kv, "b h t s, b s r -> b t h r")  # attention output, still latent
+        out = einsum(out_latent, w_uv, "b t h r, h d r -> b t h d")
         return rearrange(out, "b t h d -> b t (h d)")

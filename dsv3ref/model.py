@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from dsv3ref.block import DecoderLayer
+from dsv3ref.cache import CACHE_KIND_FOR_ATTN, KVCache
 from dsv3ref.config import ModelConfig
 from dsv3ref.mla import ATTN_IMPLS
 from dsv3ref.moe import MOE_IMPLS
@@ -32,7 +34,8 @@ class DeepseekV3(nn.Module):
     one; router bias at zero); `DeepseekV3.from_pretrained(path)` loads a Hugging Face-format
     checkpoint. Parameter names equal the checkpoint's tensor names.
 
-    attn_impl: "naive" (expand per-head K/V from the latent). moe_impl: "loop" (one expert at a time).
+    attn_impl: "naive" (expand per-head K/V from the latent) or "absorb" (attend in latent space).
+    moe_impl: "loop" (one expert at a time).
     """
 
     def __init__(self, cfg: ModelConfig, attn_impl: str = "naive", moe_impl: str = "loop"):
@@ -74,8 +77,8 @@ class DeepseekV3(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def check_input_ids(self, input_ids: torch.Tensor, start_pos: int = 0) -> None:
-        """Raise a clear error for input that is not (batch, seq) token ids the model can take."""
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Raise a clear error for input that is not (batch, seq) token ids of this vocabulary."""
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids: expected a torch.Tensor of token ids, found {type(input_ids).__name__}")
         if input_ids.dim() != 2:
@@ -88,22 +91,70 @@ class DeepseekV3(nn.Module):
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={self.config.vocab_size}), "
                              f"found values in [{lo}, {hi}]")
-        end = start_pos + input_ids.shape[1]
+
+    def new_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
+                  device: str | torch.device | None = None) -> KVCache:
+        """A zeroed cache for `batch_size` sequences of up to `max_seq_len` positions.
+
+        Its kind follows attn_impl: the latent c^KV and k^R for "absorb", per-head K and V for
+        "naive". dtype and device follow the model unless given.
+        """
+        return KVCache(self.config, batch_size, max_seq_len, CACHE_KIND_FOR_ATTN[self.attn_impl],
+                       dtype=dtype or self.dtype, device=device or self.device)
+
+    def _positions(self, input_ids: torch.Tensor, cache: KVCache | None, start_pos) -> torch.Tensor:
+        """(b, t) absolute positions of the chunk; checks them against the limits."""
+        b, t = input_ids.shape
+        start = torch.as_tensor(start_pos, dtype=torch.long, device=input_ids.device)
+        if start.dim() > 1 or (start.dim() == 1 and start.shape[0] != b):
+            raise ValueError(f"start_pos: expected an int or a tensor of shape ({b},), found shape "
+                             f"{tuple(start.shape)}")
+        positions = start.reshape(-1, 1) + torch.arange(t, device=input_ids.device)  # (b or 1, t)
+        positions = positions.expand(b, t)
+        if int(positions.min()) < 0:
+            raise ValueError(f"start_pos: positions must be >= 0, found start_pos={start.tolist()}")
+        end = int(positions.max()) + 1
         if end > self.config.max_position_embeddings:
             raise ValueError(f"input_ids: positions up to {end - 1} exceed max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
+        if cache is not None:
+            want = CACHE_KIND_FOR_ATTN[self.attn_impl]
+            if cache.kind != want:
+                raise ValueError(f"cache: found a {cache.kind!r} cache, attn_impl={self.attn_impl!r} needs a "
+                                 f"{want!r} one (make it with model.new_cache)")
+            if cache.batch_size != b:
+                raise ValueError(f"cache: made for batch_size={cache.batch_size}, input_ids has batch {b}")
+            if end > cache.max_seq_len:
+                raise ValueError(f"cache: positions up to {end - 1} requested, but the cache holds "
+                                 f"max_seq_len={cache.max_seq_len} positions")
+        return positions
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (batch, seq) int -> logits (batch, seq, vocab_size), causal, without a cache."""
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """The final-norm output (b, t, dim) for a chunk of tokens (see `forward`)."""
         self.check_input_ids(input_ids)
-        b, t = input_ids.shape
-        positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        positions = self._positions(input_ids, cache, start_pos)  # (b, t)
         x = self.model.embed_tokens(input_ids.long())  # (b, t, dim)
         cos, sin = self.rotary(positions, x.dtype)  # (b, t, rope/2) each
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril().expand(b, t, t)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask)
-        return self.lm_head(self.model.norm(x))
+        if cache is None:  # keys are the chunk itself
+            mask = rearrange(positions, "b s -> b 1 s") <= rearrange(positions, "b t -> b t 1")  # (b, t, t)
+        else:  # keys are cache indices 0 .. end-1, index = position
+            keys = torch.arange(int(positions.max()) + 1, device=x.device)
+            mask = rearrange(keys, "s -> 1 1 s") <= rearrange(positions, "b t -> b t 1")  # (b, t, end)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, mask, positions, None if cache is None else cache.layers[i])
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """input_ids (batch, seq) int -> logits (batch, seq, vocab_size), causal.
+
+        Without a cache the sequence is processed on its own. With a cache (`new_cache`), the tokens
+        sit at positions start_pos, start_pos + 1, ...: their keys are written into the cache and
+        they attend to everything cached before them (prefill with start_pos=0, then decode one
+        token at a time). start_pos may be a (batch,) tensor to give each row its own position.
+        """
+        return self.lm_head(self.hidden_states(input_ids, cache, start_pos))
 
     @classmethod
     def from_pretrained(

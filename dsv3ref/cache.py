@@ -1,0 +1,81 @@
+"""Static, preallocated KV caches, and what they cost per token.
+
+MLA's point for inference (DeepSeek-V2 report, section 2.1.2; V3 report, section 2.1.1): a token's
+whole key-value state is the normalized latent c^KV (kv_lora_rank numbers) plus the shared rotary key
+k^R (qk_rope_head_dim numbers), 512 + 64 = 576 numbers per layer in DeepSeek-V3, whatever the number
+of heads. A cache of per-head keys and values (what multi-head attention must keep, and what the
+naive path of dsv3ref keeps) holds n_h * (d_qk + d_v) = 128 * (192 + 128) = 40960 numbers per layer.
+
+`KVCache` is allocated once for `max_seq_len` positions and written in place; position p of row b
+lives at index p. Nothing is ever shifted, and a write past `max_seq_len` is an error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv3ref.config import ModelConfig
+
+CACHE_KINDS = ("latent", "full")
+CACHE_KIND_FOR_ATTN = {"naive": "full", "absorb": "latent"}  # what each attn_impl caches
+
+
+def cache_shapes(cfg: ModelConfig, kind: str, batch_size: int, max_seq_len: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of one layer's cache tensors."""
+    b, s, h = batch_size, max_seq_len, cfg.num_attention_heads
+    if kind == "latent":
+        return {"c_kv": (b, s, cfg.kv_lora_rank), "k_rope": (b, s, cfg.qk_rope_head_dim)}
+    if kind == "full":
+        return {"k": (b, s, h, cfg.qk_head_dim), "v": (b, s, h, cfg.v_head_dim)}
+    raise ValueError(f"cache kind: found {kind!r}, expected one of {CACHE_KINDS}")
+
+
+class KVCache:
+    """One preallocated cache per decoder layer.
+
+    kind "latent" (for attn_impl="absorb"): per layer `c_kv` (batch, max_seq_len, kv_lora_rank) and
+    `k_rope` (batch, max_seq_len, qk_rope_head_dim).
+    kind "full" (for attn_impl="naive"): per layer `k` (batch, max_seq_len, heads, qk_head_dim) and
+    `v` (batch, max_seq_len, heads, v_head_dim).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int, kind: str,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        for name, value in (("batch_size", batch_size), ("max_seq_len", max_seq_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}: expected a positive integer, found {value!r}")
+        if max_seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_seq_len: found {max_seq_len}, expected at most max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        shapes = cache_shapes(cfg, kind, batch_size, max_seq_len)
+        self.kind = kind
+        self.batch_size = batch_size
+        self.max_seq_len = max_seq_len
+        self.layers: list[dict[str, torch.Tensor]] = [
+            {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in shapes.items()}
+            for _ in range(cfg.num_hidden_layers)
+        ]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache tensors."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+
+    def __repr__(self) -> str:
+        return (f"KVCache(kind={self.kind!r}, batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, "
+                f"layers={len(self.layers)}, nbytes={self.nbytes:,})")
+
+
+def kv_cache_bytes(cfg: ModelConfig, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Bytes of KV cache for one sequence of `seq_len` tokens across all layers.
+
+    "mla": the latent cache, (kv_lora_rank + qk_rope_head_dim) numbers per token and layer;
+    "naive": per-head keys and values as multi-head attention would cache them,
+    heads * (qk_head_dim + v_head_dim) numbers per token and layer.
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    per_token_layer = {
+        "mla": cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+        "naive": cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim),
+    }
+    return {k: v * seq_len * cfg.num_hidden_layers * size for k, v in per_token_layer.items()}
