@@ -319,8 +319,8 @@ class ModelConfig:
             )
         if name == "small":
             return cls(
-                vocab_size=32000, hidden_size=1024, num_hidden_layers=4, num_attention_heads=16,
-                num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
+                vocab_size=32000, hidden_size=1024, num_hidden_layers=4, num_attention_heads=32,
+                num_key_value_heads=32, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
                 qk_rope_head_dim=32, v_head_dim=64, intermediate_size=2816, moe_intermediate_size=512,
                 n_routed_experts=32, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
                 first_k_dense_replace=1,

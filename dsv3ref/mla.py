@@ -23,8 +23,13 @@ Two implementations share these weights:
 - "absorb", what MLA is for at inference: since q_i . k_i^C = q_i^C . (W^UK_i c) = (W^UK_i^T q_i^C) . c,
   the key half of kv_b_proj is folded into the query ("absorbed") and scores are taken directly
   against the cached latent c; likewise o_i = sum_s p_s W^UV_i c_s = W^UV_i (sum_s p_s c_s), so the
-  value half is applied once, after attention. Keys and values are never expanded, and the cache
-  holds only c^KV and k^R (see dsv3ref.cache).
+  value half is applied once, after attention. The cache holds only c^KV and k^R (see dsv3ref.cache).
+
+Absorption is not free: each score then costs 2 * kv_lora_rank + qk_rope_head_dim multiply-adds
+instead of qk_head_dim + v_head_dim. Decoding (one query, many cached keys) wins by far; prefill
+(as many queries as keys) is cheaper with the keys expanded. So "absorb" computes each chunk in
+the cheaper order (`MLA.order = "auto"`, the default; "absorbed" or "expanded" force one). Both
+orders are the same mathematics over the same latent cache, and the tests hold them equal.
 """
 
 from __future__ import annotations
@@ -38,6 +43,17 @@ from dsv3ref.norm import RMSNorm
 from dsv3ref.rope import apply_rope, softmax_scale
 
 ATTN_IMPLS = ("naive", "absorb")
+ORDERS = ("auto", "absorbed", "expanded")
+
+
+def absorbed_is_cheaper(t: int, s: int, r: int, h: int, dn: int, dr: int, dv: int) -> bool:
+    """Whether t queries over s latent keys cost fewer multiply-adds absorbed than expanded.
+
+    expanded: kv_b_proj on s latents + per-head attention  = h * (s*r*(dn+dv) + t*s*(dn+dr+dv))
+    absorbed: W^UK into t queries, latent scores and output, W^UV on t outputs
+                                                            = h * (t*r*(dn+dv) + t*s*(2*r+dr))
+    """
+    return t * r * (dn + dv) + t * s * (2 * r + dr) < s * r * (dn + dv) + t * s * (dn + dr + dv)
 
 
 class MLA(nn.Module):
@@ -48,6 +64,7 @@ class MLA(nn.Module):
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl: found {attn_impl!r}, expected one of {ATTN_IMPLS}")
         self.attn_impl = attn_impl
+        self.order = "auto"  # for attn_impl="absorb": which order to compute a chunk in (see ORDERS)
         self.n_heads = cfg.num_attention_heads
         self.kv_lora_rank = cfg.kv_lora_rank
         self.qk_nope_head_dim = cfg.qk_nope_head_dim
@@ -107,16 +124,31 @@ class MLA(nn.Module):
         q_nope, q_rope = self.query(x, cos, sin)
         c_kv, k_rope = self.latent(x, cos, sin)
         if self.attn_impl == "naive":
-            k_nope, v = self.expand(c_kv)
-            k = torch.cat([k_nope, repeat(k_rope, "b s d -> b s h d", h=self.n_heads)], dim=-1)
+            k, v = self.expand_keys(c_kv, k_rope)
             if cache is not None:
                 k, v = self._store(cache, positions, mask.shape[-1], k=k, v=v)
             out = self.attend_naive(torch.cat([q_nope, q_rope], dim=-1), k, v, mask)
         else:
             if cache is not None:
                 c_kv, k_rope = self._store(cache, positions, mask.shape[-1], c_kv=c_kv, k_rope=k_rope)
-            out = self.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+            if self._absorbed(q_nope.shape[1], c_kv.shape[1]):
+                out = self.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
+            else:
+                out = self.attend_naive(torch.cat([q_nope, q_rope], dim=-1), *self.expand_keys(c_kv, k_rope), mask)
         return self.o_proj(out)
+
+    def expand_keys(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """c_kv (b, s, r), k_rope (b, s, dr) -> per-head keys [k^C ; k^R] (b, s, h, dn + dr), values (b, s, h, dv)."""
+        k_nope, v = self.expand(c_kv)
+        return torch.cat([k_nope, repeat(k_rope, "b s d -> b s h d", h=self.n_heads)], dim=-1), v
+
+    def _absorbed(self, t: int, s: int) -> bool:
+        if self.order not in ORDERS:
+            raise ValueError(f"MLA.order: found {self.order!r}, expected one of {ORDERS}")
+        if self.order != "auto":
+            return self.order == "absorbed"
+        return absorbed_is_cheaper(t, s, self.kv_lora_rank, self.n_heads, self.qk_nope_head_dim,
+                                   self.qk_rope_head_dim, self.v_head_dim)
 
     @staticmethod
     def _store(cache: dict[str, torch.Tensor], positions: torch.Tensor, end: int, **new: torch.Tensor):

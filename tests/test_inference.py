@@ -12,18 +12,22 @@ import dsv3ref
 from dsv3ref import DeepseekV3, ModelConfig, generate, kv_cache_bytes
 
 
-def pair(cfg, seed=0, dtype=torch.float32):
-    """The same random weights under attn_impl naive and absorb."""
+def pair(cfg, seed=0, dtype=torch.float32, order="absorbed"):
+    """The same random weights under attn_impl naive and absorb; the absorbed model computes every
+    chunk in `order` ("absorbed": W^UK/W^UV folded even for prefill; "auto": the cheaper order)."""
     naive = random_dsv3ref(cfg, seed=seed).to(dtype)
     absorb = DeepseekV3(cfg, attn_impl="absorb").to(dtype).eval()
     absorb.load_state_dict(naive.state_dict())
+    for layer in absorb.model.layers:
+        layer.self_attn.order = order
     return naive, absorb
 
 
+@pytest.mark.parametrize("order", ["absorbed", "auto"])
 @pytest.mark.parametrize("changes", [dict(), dict(q_lora_rank=None, rope_scaling=None)])
-def test_absorbed_matches_naive_on_prefill_and_every_decode_step(changes):
+def test_absorbed_matches_naive_on_prefill_and_every_decode_step(changes, order):
     cfg = tiny_config(**changes)
-    naive, absorb = pair(cfg)
+    naive, absorb = pair(cfg, order=order)
     ids = torch.randint(0, cfg.vocab_size, (2, 30))
     with torch.no_grad():
         assert rel_err(absorb(ids), naive(ids)) < 1e-5  # no cache
@@ -35,6 +39,14 @@ def test_absorbed_matches_naive_on_prefill_and_every_decode_step(changes):
             a = naive(ids[:, p:p + 1], caches[0], p)
             b = absorb(ids[:, p:p + 1], caches[1], p)
             assert rel_err(b, a) < 1e-5
+
+
+def test_auto_order_absorbs_for_decode_and_expands_for_prefill():
+    from dsv3ref.mla import absorbed_is_cheaper
+
+    v3 = dict(r=512, h=128, dn=128, dr=64, dv=128)  # DeepSeek-V3's attention
+    assert absorbed_is_cheaper(1, 4096, **v3) and absorbed_is_cheaper(4, 4096, **v3)
+    assert not absorbed_is_cheaper(4096, 4096, **v3) and not absorbed_is_cheaper(1, 1, **v3)
 
 
 def test_float64_naive_and_absorbed_agree_to_1e12():
