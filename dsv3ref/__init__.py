@@ -1,5 +1,6 @@
 """dsv3ref: a readable, tested reference implementation of DeepSeek-V3 in PyTorch."""
 
+from dsv3ref import routing
 from dsv3ref.cache import KVCache, kv_cache_bytes
 from dsv3ref.checkpoint import CheckpointError, save_pretrained
 from dsv3ref.config import ModelConfig, RopeScaling
@@ -18,6 +19,7 @@ __all__ = [
     "count_parameters",
     "generate",
     "kv_cache_bytes",
+    "routing",
     "save_pretrained",
 ]
 __version__ = "0.1.0"

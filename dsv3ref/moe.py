@@ -13,14 +13,19 @@ from einops import rearrange
 from torch import nn
 
 from dsv3ref.config import ModelConfig
+from dsv3ref.experts import StackedExperts
 from dsv3ref.mlp import MLP
 from dsv3ref.router import Router
 
-MOE_IMPLS = ("loop",)
+MOE_IMPLS = ("loop", "grouped")
 
 
 class MoE(nn.Module):
-    """Routed + shared experts with the checkpoint's names: `gate`, `experts.{e}`, `shared_experts`."""
+    """Routed + shared experts with the checkpoint's names: `gate`, `experts.{e}`, `shared_experts`.
+
+    moe_impl "loop": the experts are separate MLPs run one at a time (the readable oracle);
+    "grouped": the experts' weights are stacked and run as grouped GEMMs (dsv3ref.experts).
+    """
 
     def __init__(self, cfg: ModelConfig, moe_impl: str = "loop"):
         super().__init__()
@@ -28,8 +33,11 @@ class MoE(nn.Module):
             raise ValueError(f"moe_impl: found {moe_impl!r}, expected one of {MOE_IMPLS}")
         self.moe_impl = moe_impl
         self.gate = Router(cfg)
-        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
-                                     for _ in range(cfg.n_routed_experts))
+        if moe_impl == "loop":
+            self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                         for _ in range(cfg.n_routed_experts))
+        else:
+            self.experts = StackedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
 
@@ -37,7 +45,10 @@ class MoE(nn.Module):
         """x (b, t, dim) -> (b, t, dim)."""
         tokens = rearrange(x, "b t d -> (b t) d")
         weights, ids = self.gate(tokens)  # (n, k), (n, k)
-        out = self.routed_loop(tokens, weights, ids)
+        if self.moe_impl == "loop":
+            out = self.routed_loop(tokens, weights, ids)
+        else:
+            out = self.experts(tokens, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         return rearrange(out, "(b t) d -> b t d", b=x.shape[0])

@@ -17,6 +17,8 @@ Ties are broken towards the lower index (a stable sort), so the choice is determ
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from einops import rearrange, reduce
 from torch import nn
@@ -37,24 +39,47 @@ def select_experts(
     n_group: int,
     topk_group: int,
     topk_method: str = "noaux_tc",
-) -> torch.Tensor:
+    return_groups: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Group-limited top-k choice of experts.
 
     scores: (tokens, experts) affinities s_{i,t}; bias: (experts,) or None.
-    Returns the chosen expert ids, (tokens, top_k), best first.
+    Returns the chosen expert ids, (tokens, top_k), best first; with return_groups, also the
+    eligible groups (tokens, topk_group), best first (all groups, in order, when routing is not
+    group-limited).
     """
     choice = scores if bias is None else scores + bias  # (tokens, experts)
     if topk_method == "greedy" or n_group == 1:
-        return _top_indices(choice, top_k)
+        ids = _top_indices(choice, top_k)
+        if not return_groups:
+            return ids
+        return ids, torch.arange(n_group, device=scores.device).expand(scores.shape[0], n_group)
     grouped = rearrange(choice, "n (g e) -> n g e", g=n_group)
     if topk_method == "noaux_tc":
         group_score = grouped.topk(2, dim=-1).values.sum(-1)  # (tokens, groups)
     else:  # group_limited_greedy
         group_score = reduce(grouped, "n g e -> n g", "max")
-    keep = torch.zeros_like(group_score, dtype=torch.bool)
-    keep.scatter_(1, _top_indices(group_score, topk_group), True)
+    groups = _top_indices(group_score, topk_group)  # (tokens, topk_group)
+    keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, groups, True)
     masked = grouped.masked_fill(~rearrange(keep, "n g -> n g 1"), float("-inf"))
-    return _top_indices(rearrange(masked, "n g e -> n (g e)"), top_k)
+    ids = _top_indices(rearrange(masked, "n g e -> n (g e)"), top_k)
+    return (ids, groups) if return_groups else ids
+
+
+@dataclass
+class RoutingRecord:
+    """What one router decided in one forward pass (see `dsv3ref.routing.capture`)."""
+
+    scores: torch.Tensor
+    """(tokens, experts) affinities s_{i,t}, before the bias."""
+    groups: torch.Tensor
+    """(tokens, topk_group) the groups each token could choose from."""
+    ids: torch.Tensor
+    """(tokens, top_k) the chosen experts."""
+    weights: torch.Tensor
+    """(tokens, top_k) their gate values g_{i,t} (normalized, times routed_scaling_factor)."""
+    counts: torch.Tensor
+    """(experts,) how many tokens chose each expert: the load."""
 
 
 class Router(nn.Module):
@@ -79,6 +104,7 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
         else:
             self.e_score_correction_bias = None
+        self.records: list[RoutingRecord] | None = None  # a list while dsv3ref.routing.capture is on
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x (tokens, dim) -> affinities s (tokens, experts), in at least float32."""
@@ -90,9 +116,14 @@ class Router(nn.Module):
         """x (tokens, dim) -> weights (tokens, top_k) float32+, expert ids (tokens, top_k) int64."""
         s = self.scores(x)
         bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.to(s.dtype)
-        ids = select_experts(s, bias, top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
-                             topk_method=self.topk_method)
+        ids, groups = select_experts(s, bias, top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
+                                     topk_method=self.topk_method, return_groups=True)
         weights = s.gather(1, ids)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.routed_scaling_factor, ids
+        weights = weights * self.routed_scaling_factor
+        if self.records is not None:
+            counts = torch.bincount(ids.reshape(-1), minlength=self.weight.shape[0])
+            self.records.append(RoutingRecord(scores=s.detach(), groups=groups, ids=ids, weights=weights.detach(),
+                                              counts=counts))
+        return weights, ids

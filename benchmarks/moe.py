@@ -1,0 +1,76 @@
+"""One MoE layer: dsv3ref's per-expert loop and grouped GEMM against HF transformers' experts.
+
+    python benchmarks/moe.py                         # the "small" preset's MoE layer and a wider one
+    python benchmarks/moe.py --tokens 4096 --set n_routed_experts=64
+
+All contenders load the same random checkpoint (one MoE layer). HF runs DeepseekV3MoE with its
+"eager" experts (a loop over the experts that received tokens) and its "grouped_mm" experts.
+Ratios are tokens/s relative to HF's faster implementation at that batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+from common import add_config_args, best_of, config_from_args, machine, write_random_checkpoint
+
+from dsv3ref import DeepseekV3
+
+WIDE = ["hidden_size=2048", "n_routed_experts=64", "num_experts_per_tok=8", "moe_intermediate_size=1024",
+        "n_group=8", "topk_group=4"]
+
+
+def layers(cfg, folder):
+    from transformers import DeepseekV3ForCausalLM
+
+    out = {}
+    for impl in ("loop", "grouped"):
+        out[f"dsv3ref {impl}"] = DeepseekV3.from_pretrained(folder, moe_impl=impl).model.layers[0].mlp
+    for impl in ("eager", "grouped_mm"):
+        hf = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32, experts_implementation=impl)
+        out[f"HF {impl}"] = hf.eval().model.layers[0].mlp
+    return out
+
+
+def bench(args, overrides, title):
+    args.set = overrides
+    cfg = config_from_args(args).replace(num_hidden_layers=1, first_k_dense_replace=0)
+    print(f"\n{title}: hidden {cfg.hidden_size}, {cfg.n_routed_experts} experts of width "
+          f"{cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok} in {cfg.topk_group} of {cfg.n_group} groups, "
+          f"{cfg.n_shared_experts} shared; float32")
+    with tempfile.TemporaryDirectory() as folder:
+        write_random_checkpoint(cfg, folder)
+        mods = layers(cfg, folder)
+    with torch.inference_mode():
+        for n in args.tokens:
+            x = torch.randn(1, n, cfg.hidden_size, generator=torch.Generator().manual_seed(n))
+            ref = mods["dsv3ref loop"](x)
+            times = {}
+            for name, mod in mods.items():
+                out = mod(x)
+                err = ((out - ref).abs().max() / ref.abs().max()).item()
+                assert err < 1e-4, f"{name} disagrees with the loop: {err}"
+                times[name] = best_of(lambda mod=mod: mod(x), repeats=args.repeats)
+            best_hf = min(t for k, t in times.items() if k.startswith("HF"))
+            for name, t in times.items():
+                print(f"tokens {n:5d}  {name:16s} {n / t:10.0f} tok/s   {best_hf / t:5.2f}x best HF")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 512, 4096])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}")
+    given = list(args.set)
+    bench(args, given, f"preset {args.preset!r} {' '.join(given)}")
+    if not given:
+        bench(args, WIDE, "wider: " + " ".join(WIDE))
+
+
+if __name__ == "__main__":
+    main()

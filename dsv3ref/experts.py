@@ -1,0 +1,103 @@
+"""Routed experts stacked into 3-D weights, computed with one grouped GEMM per projection.
+
+The readable oracle (`MoE.routed_loop`) visits the experts one by one. Here the (token, expert)
+assignments are instead sorted by expert, so that each expert's tokens form one contiguous block of
+rows, and every expert's matrix product runs in a single grouped GEMM over those blocks
+(`torch.nn.functional.grouped_mm`, with `offs` marking where each block ends). The results are
+multiplied by the gate values and summed back per token.
+
+The weights live stacked, created once: `gate_up_proj` (experts, 2 * inter, dim) holds each
+expert's gate_proj and up_proj rows, `down_proj` (experts, dim, inter). Their state_dict still uses
+the checkpoint's names (`{e}.gate_proj.weight`, ...), as views into the stacked tensors, so loading
+and saving are unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import reduce
+from torch import nn
+
+
+def _can_use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch's grouped_mm takes float32/bf16/fp16 on CPU and on CUDA (SM80+), not float64."""
+    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.device.type == "cpu"
+
+
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per-group x @ w[g].T for consecutive row blocks of x.
+
+    x (rows, in) sorted by group; w (groups, out, in); counts (groups,) rows of each group
+    (summing to rows). Returns (rows, out). Falls back to one matmul per non-empty group where
+    grouped_mm is not available (float64, older torch, other devices).
+    """
+    if _can_use_grouped_mm(x, w):
+        offs = counts.cumsum(0).to(torch.int32)
+        return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for g, n in enumerate(counts.tolist()):
+        if n:
+            out[start:start + n] = x[start:start + n] @ w[g].T  # (n, in) @ (in, out)
+        start += n
+    return out
+
+
+class StackedExperts(nn.Module):
+    """All routed experts of one MoE layer, as stacked weights (see the module docstring)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts, self.inter_dim = n_experts, inter_dim
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.register_state_dict_post_hook(_split_state_dict)
+        self.register_load_state_dict_pre_hook(_stack_state_dict)
+
+    def forward(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """tokens (n, dim), gate values weights (n, k), expert ids (n, k) -> sum_k weight * expert(token), (n, dim)."""
+        n, k = ids.shape
+        flat = ids.reshape(-1)  # (n*k,) the expert of each assignment
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts)  # (experts,)
+        x = tokens[order // k]  # (n*k, dim): the token of each assignment, expert 0's rows first
+        gate, up = grouped_linear(x, self.gate_up_proj, counts).split(self.inter_dim, dim=-1)
+        # The gate value scales the expert's output; applied before down_proj (linear), it touches
+        # inter_dim numbers per row instead of dim.
+        h = F.silu(gate) * up * weights.reshape(-1)[order, None].to(x.dtype)  # (n*k, inter)
+        y = grouped_linear(h, self.down_proj, counts)  # (n*k, dim), sorted by expert
+        # Un-sort and add each token's k contributions: a fixed summation order, so the result is
+        # deterministic on every device (unlike an atomic scatter-add on a GPU).
+        unsorted = torch.empty_like(y)
+        unsorted[order] = y
+        return reduce(unsorted, "(n k) d -> n d", "sum", k=k)
+
+def _split_state_dict(module: StackedExperts, state_dict: dict, prefix: str, local_metadata) -> None:
+    """Replace the stacked tensors by per-expert views named as in the checkpoint."""
+    gate_up = state_dict.pop(prefix + "gate_up_proj")
+    down = state_dict.pop(prefix + "down_proj")
+    i = module.inter_dim
+    for e in range(module.n_experts):
+        state_dict[f"{prefix}{e}.gate_proj.weight"] = gate_up[e, :i]
+        state_dict[f"{prefix}{e}.up_proj.weight"] = gate_up[e, i:]
+        state_dict[f"{prefix}{e}.down_proj.weight"] = down[e]
+
+
+def _stack_state_dict(module: StackedExperts, state_dict: dict, prefix: str, *args) -> None:
+    """Inverse of _split_state_dict, for load_state_dict: stack per-expert tensors if present."""
+    first = f"{prefix}0.gate_proj.weight"
+    if first not in state_dict:
+        return  # let load_state_dict report the missing keys
+
+    def take(e: int, name: str) -> torch.Tensor:
+        return state_dict.pop(f"{prefix}{e}.{name}.weight")
+
+    n = module.n_experts
+    state_dict[prefix + "gate_up_proj"] = torch.stack(
+        [torch.cat([take(e, "gate_proj"), take(e, "up_proj")]) for e in range(n)])
+    state_dict[prefix + "down_proj"] = torch.stack([take(e, "down_proj") for e in range(n)])

@@ -1,0 +1,178 @@
+"""Grouped experts against the per-expert loop, routing capture, and the balancing rules.
+
+Tolerance: float32 outputs and gradients of the grouped and loop paths agree to a relative error
+(max |diff| / max |ref|) below 1e-5 (they differ in summation order only); float64 below 1e-12.
+"""
+
+import pytest
+import torch
+from helpers import hf_model, random_dsv3ref, rel_err, tiny_config
+
+import dsv3ref
+from dsv3ref import DeepseekV3, routing
+from dsv3ref.experts import grouped_linear
+from dsv3ref.moe import MoE
+
+
+def moe_pair(cfg, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    loop = MoE(cfg, "loop").to(dtype)
+    with torch.no_grad():
+        for p in loop.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        loop.gate.e_score_correction_bias.copy_(0.3 * torch.randn(cfg.n_routed_experts, generator=g))
+    grouped = MoE(cfg, "grouped").to(dtype)
+    grouped.load_state_dict(loop.state_dict())
+    return loop, grouped
+
+
+def check_forward_and_backward(loop, grouped, x, tol):
+    for p in [*loop.parameters(), *grouped.parameters()]:
+        p.grad = torch.zeros_like(p)  # experts that get no token keep a zero gradient
+    xl, xg = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_l, out_g = loop(xl), grouped(xg)
+    assert rel_err(out_g, out_l) < tol
+    upstream = torch.randn_like(out_l)
+    (out_l * upstream).sum().backward()
+    (out_g * upstream).sum().backward()
+    assert rel_err(xg.grad, xl.grad) < tol
+    loop_gate_up = torch.stack([torch.cat([e.gate_proj.weight.grad, e.up_proj.weight.grad]) for e in loop.experts])
+    loop_down = torch.stack([e.down_proj.weight.grad for e in loop.experts])
+    assert rel_err(grouped.experts.gate_up_proj.grad, loop_gate_up) < tol
+    assert rel_err(grouped.experts.down_proj.grad, loop_down) < tol
+    # with one normalized expert per token the gate value is 1 and the router's gradient is zero
+    gate_l, gate_g = loop.gate.weight.grad, grouped.gate.weight.grad
+    assert (gate_g - gate_l).abs().max() <= tol * max(gate_l.abs().max().item(), 1.0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_grouped_matches_loop_forward_and_gradients(dtype, tol):
+    cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, n_shared_experts=2)
+    loop, grouped = moe_pair(cfg, dtype)
+    check_forward_and_backward(loop, grouped, torch.randn(3, 17, cfg.hidden_size, dtype=dtype), tol)
+
+
+def test_grouped_matches_loop_when_some_experts_get_no_tokens():
+    cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group=1, num_experts_per_tok=2)
+    loop, grouped = moe_pair(cfg)
+    with torch.no_grad():  # make group 0 the only one ever chosen
+        for m in (loop, grouped):
+            m.gate.e_score_correction_bias.copy_(torch.tensor([5.0] * 4 + [0.0] * 12))
+    x = torch.randn(2, 9, cfg.hidden_size)
+    with torch.no_grad():
+        _, ids = grouped.gate(x.reshape(-1, cfg.hidden_size))
+    assert set(ids.unique().tolist()) <= {0, 1, 2, 3}
+    check_forward_and_backward(loop, grouped, x, 1e-5)
+
+
+def test_grouped_matches_loop_when_all_tokens_pick_one_expert_and_batch_of_one():
+    cfg = tiny_config(n_routed_experts=8, n_group=1, topk_group=1, num_experts_per_tok=1)
+    loop, grouped = moe_pair(cfg)
+    with torch.no_grad():
+        for m in (loop, grouped):
+            m.gate.e_score_correction_bias.copy_(torch.tensor([0.0] * 5 + [10.0] + [0.0] * 2))
+    x = torch.randn(1, 12, cfg.hidden_size)
+    check_forward_and_backward(loop, grouped, x, 1e-5)
+    check_forward_and_backward(loop, grouped, torch.randn(1, 1, cfg.hidden_size), 1e-5)
+
+
+def test_grouped_linear_fallback_equals_grouped_mm():
+    x = torch.randn(20, 16)
+    w = torch.randn(5, 8, 16)
+    counts = torch.tensor([3, 0, 9, 8, 0])
+    expected = torch.cat([x[:3] @ w[0].T, x[3:12] @ w[2].T, x[12:20] @ w[3].T])
+    assert rel_err(grouped_linear(x, w, counts), expected) < 1e-6  # grouped_mm (float32)
+    assert rel_err(grouped_linear(x.double(), w.double(), counts), expected.double()) < 1e-6  # the fallback
+
+
+def test_full_model_grouped_equals_loop_and_hf(tmp_path):
+    cfg = tiny_config()
+    hf = hf_model(cfg, tmp_path / "cfg", seed=12)
+    hf.save_pretrained(tmp_path / "hf")
+    loop = DeepseekV3.from_pretrained(tmp_path / "hf")
+    grouped = DeepseekV3.from_pretrained(tmp_path / "hf", moe_impl="grouped", attn_impl="absorb")
+    ids = torch.randint(0, cfg.vocab_size, (2, 21))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        assert rel_err(loop(ids), expected) < 1e-5
+        assert rel_err(grouped(ids), expected) < 1e-5
+    # the stacked weights save back under the checkpoint's per-expert names
+    dsv3ref.save_pretrained(grouped, tmp_path / "ours")
+    again = DeepseekV3.from_pretrained(tmp_path / "ours")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in loop.state_dict().items())
+
+
+def test_capture_records_every_router_decision_and_is_off_by_default():
+    cfg = tiny_config(num_hidden_layers=3, first_k_dense_replace=1)
+    model = random_dsv3ref(cfg, seed=13, moe_impl="grouped")
+    ids = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.no_grad(), routing.capture(model) as records:
+        model(ids)
+        model(ids[:, :4])
+    assert sorted(records) == [1, 2] and all(len(r) == 2 for r in records.values())
+    first = records[1][0]
+    assert first.ids.shape == (22, cfg.num_experts_per_tok) and first.groups.shape == (22, cfg.topk_group)
+    assert first.counts.sum() == 22 * cfg.num_experts_per_tok
+    assert torch.equal(first.counts, torch.bincount(first.ids.flatten(), minlength=cfg.n_routed_experts))
+    per_group = cfg.n_routed_experts // cfg.n_group
+    assert all(set((row // per_group).tolist()) <= set(g.tolist()) for row, g in zip(first.ids, first.groups,
+                                                                                      strict=True))
+    # the recorded decision is the router's own
+    router = model.model.layers[1].mlp.gate
+    assert all(r.records is None for r in routing.routers(model).values())
+    assert router.records is None
+
+
+def test_update_bias_hand_computed():
+    bias = torch.tensor([0.5, -0.25, 0.0, 0.125])
+    load = torch.tensor([3, 1, 2, 2])  # mean 2: expert 0 is hot, expert 1 is cold
+    routing.update_bias(bias, load, gamma=0.125)
+    assert bias.tolist() == [0.375, -0.125, 0.0, 0.125]
+
+
+def test_bias_updates_even_out_the_load():
+    cfg = tiny_config(first_k_dense_replace=0, num_hidden_layers=1, n_routed_experts=16, n_group=4, topk_group=2,
+                      num_experts_per_tok=2)
+    model = random_dsv3ref(cfg, seed=14, moe_impl="grouped")
+    router = model.model.layers[0].mlp.gate
+    with torch.no_grad():
+        router.e_score_correction_bias.zero_()
+        router.weight[:4] += 0.5 * router.weight[:4].sign()  # experts 0-3 attract far more tokens
+    ids = torch.randint(0, cfg.vocab_size, (4, 64))
+
+    def load():
+        with torch.no_grad(), routing.capture(model) as records:
+            model(ids)
+        return records[0][0].counts.float()
+
+    before = load()
+    for _ in range(200):
+        routing.update_bias(router.e_score_correction_bias, load(), gamma=0.01)
+    after = load()
+    imbalance = lambda c: (c.max() / c.mean()).item()  # noqa: E731
+    assert imbalance(after) < 0.6 * imbalance(before)
+
+
+def test_sequence_balance_loss_hand_computed():
+    scores = torch.tensor([[[1.0, 1.0, 1.0, 1.0], [3.0, 1.0, 0.0, 0.0]]], requires_grad=True)
+    ids = torch.tensor([[[2], [0]]])
+    # s' = [.25 .25 .25 .25], [.75 .25 0 0]; P = [.5 .25 .125 .125]; f = 4/(1*2) * [1 0 1 0] = [2 0 2 0]
+    loss = routing.sequence_balance_loss(scores, ids, alpha=0.1)
+    assert loss.item() == pytest.approx(0.1 * (2 * 0.5 + 2 * 0.125), rel=1e-6)
+    loss.backward()
+    # d/ds of alpha * sum_i f_i * mean_t s_it / sum_j s_jt, for token 0 (sum 4): alpha/2 * (f_i - sum_j f_j s'_j) / 4
+    expected = 0.1 / 2 * (torch.tensor([2.0, 0, 2, 0]) - 1.0) / 4
+    assert torch.allclose(scores.grad[0, 0], expected, atol=1e-7)
+
+
+def test_sequence_balance_loss_averages_sequences():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, 10, 8, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(30)]).reshape(3, 10, 2)
+    whole = routing.sequence_balance_loss(scores, ids)
+    each = [routing.sequence_balance_loss(scores[i:i + 1], ids[i:i + 1]) for i in range(3)]
+    assert whole.item() == pytest.approx(sum(e.item() for e in each) / 3, rel=1e-6)
+    # perfectly balanced routing with uniform scores gives alpha * 1
+    uniform = torch.ones(1, 8, 8)
+    balanced = torch.arange(8).reshape(1, 8, 1)
+    assert routing.sequence_balance_loss(uniform, balanced, alpha=1.0).item() == pytest.approx(1.0)
