@@ -1,5 +1,8 @@
 """Prefill and decode speed: dsv3ref (absorbed and naive MLA) against HF transformers, same weights.
 
+"dsv3ref absorb" is the fast path (attn_impl="absorb", moe_impl="grouped"); "dsv3ref naive" the
+readable one (attn_impl="naive", moe_impl="loop").
+
     python benchmarks/decode.py                       # "small" preset, contexts 256 1024 4096
     python benchmarks/decode.py --contexts 512 --set hidden_size=2048
 
@@ -64,7 +67,7 @@ def main() -> None:
           f"experts {cfg.n_routed_experts} (top-{cfg.num_experts_per_tok}); float32, batch 1")
     with tempfile.TemporaryDirectory() as folder:
         write_random_checkpoint(cfg, folder)
-        models = {"dsv3ref absorb": DeepseekV3.from_pretrained(folder, attn_impl="absorb")}
+        models = {"dsv3ref absorb": DeepseekV3.from_pretrained(folder, attn_impl="absorb", moe_impl="grouped")}
         if not args.no_naive:
             models["dsv3ref naive"] = DeepseekV3.from_pretrained(folder, attn_impl="naive")
         models["HF transformers"] = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -28,13 +28,15 @@ Two implementations share these weights:
 Absorption is not free: each score then costs 2 * kv_lora_rank + qk_rope_head_dim multiply-adds
 instead of qk_head_dim + v_head_dim. Decoding (one query, many cached keys) wins by far; prefill
 (as many queries as keys) is cheaper with the keys expanded. So "absorb" computes each chunk in
-the cheaper order (`MLA.order = "auto"`, the default; "absorbed" or "expanded" force one). Both
+the cheaper order (`MLA.order = "auto"`, the default; "absorbed" or "expanded" force one; the
+expanded order runs through torch's fused scaled_dot_product_attention). Both
 orders are the same mathematics over the same latent cache, and the tests hold them equal.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 from torch import nn
 
@@ -134,7 +136,7 @@ class MLA(nn.Module):
             if self._absorbed(q_nope.shape[1], c_kv.shape[1]):
                 out = self.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
             else:
-                out = self.attend_naive(torch.cat([q_nope, q_rope], dim=-1), *self.expand_keys(c_kv, k_rope), mask)
+                out = self.attend_fused(torch.cat([q_nope, q_rope], dim=-1), *self.expand_keys(c_kv, k_rope), mask)
         return self.o_proj(out)
 
     def expand_keys(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +176,14 @@ class MLA(nn.Module):
         """
         probs = self._softmax(einsum(q, k, "b t h d, b s h d -> b h t s"), mask, v.dtype)
         return rearrange(einsum(probs, v, "b h t s, b s h d -> b t h d"), "b t h d -> b t (h d)")
+
+    def attend_fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`attend_naive` through torch's fused scaled_dot_product_attention (same shapes, same result
+        up to float rounding; it never materializes the float32 score matrix twice)."""
+        out = F.scaled_dot_product_attention(
+            rearrange(q, "b t h d -> b h t d"), rearrange(k, "b s h d -> b h s d"), rearrange(v, "b s h d -> b h s d"),
+            attn_mask=rearrange(mask, "b t s -> b 1 t s"), scale=self.softmax_scale)
+        return rearrange(out, "b h t d -> b t (h d)")
 
     def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:
         """The same attention computed against the latent, with W^UK and W^UV absorbed.

@@ -49,9 +49,10 @@ def test_auto_order_absorbs_for_decode_and_expands_for_prefill():
     assert not absorbed_is_cheaper(4096, 4096, **v3) and not absorbed_is_cheaper(1, 1, **v3)
 
 
-def test_float64_naive_and_absorbed_agree_to_1e12():
+@pytest.mark.parametrize("order", ["absorbed", "auto"])
+def test_float64_naive_and_absorbed_agree_to_1e12(order):
     cfg = tiny_config()
-    naive, absorb = pair(cfg, dtype=torch.float64)
+    naive, absorb = pair(cfg, dtype=torch.float64, order=order)
     ids = torch.randint(0, cfg.vocab_size, (2, 25))
     with torch.no_grad():
         assert rel_err(absorb(ids), naive(ids)) < 1e-12
