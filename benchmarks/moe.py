@@ -52,7 +52,7 @@ def bench(args, overrides, title):
                 out = mod(x)
                 err = ((out - ref).abs().max() / ref.abs().max()).item()
                 assert err < 1e-4, f"{name} disagrees with the loop: {err}"
-                times[name] = best_of(lambda mod=mod: mod(x), repeats=args.repeats)
+                times[name] = best_of(lambda mod=mod, x=x: mod(x), repeats=args.repeats)
             best_hf = min(t for k, t in times.items() if k.startswith("HF"))
             for name, t in times.items():
                 print(f"tokens {n:5d}  {name:16s} {n / t:10.0f} tok/s   {best_hf / t:5.2f}x best HF")

@@ -1,11 +1,12 @@
 """Routed experts stacked into 3-D weights, computed with one grouped GEMM per projection.
 
-The readable oracle (`MoE.routed_loop`) visits the experts one by one. Here the (token, expert)
+The readable oracle (`dsv3ref.moe.LoopExperts`) visits the experts one by one. Here the (token, expert)
 assignments are instead sorted by expert, so that each expert's tokens form one contiguous block of
 rows, and every expert's matrix product runs in a single grouped GEMM over those blocks
 (`torch.nn.functional.grouped_mm`, with `offs` marking where each block ends). The results are
 multiplied by the gate values and summed back per token.
 
+Long batches are cut into blocks of `block_rows` sorted assignments, one grouped GEMM per block.
 The weights live stacked, created once: `gate_up_proj` (experts, 2 * inter, dim) holds each
 expert's gate_proj and up_proj rows, `down_proj` (experts, dim, inter). Their state_dict still uses
 the checkpoint's names (`{e}.gate_proj.weight`, ...), as views into the stacked tensors, so loading
@@ -54,6 +55,9 @@ class StackedExperts(nn.Module):
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.n_experts, self.inter_dim = n_experts, inter_dim
+        # Assignments are processed in blocks of this many rows, so that the intermediates of a long
+        # prefill stay small (on a CPU, cache-sized: 2048 measured fastest in benchmarks/moe.py).
+        self.block_rows = 2048
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.register_state_dict_post_hook(_split_state_dict)
@@ -64,17 +68,20 @@ class StackedExperts(nn.Module):
         n, k = ids.shape
         flat = ids.reshape(-1)  # (n*k,) the expert of each assignment
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)  # (experts,)
-        x = tokens[order // k]  # (n*k, dim): the token of each assignment, expert 0's rows first
-        gate, up = grouped_linear(x, self.gate_up_proj, counts).split(self.inter_dim, dim=-1)
-        # The gate value scales the expert's output; applied before down_proj (linear), it touches
-        # inter_dim numbers per row instead of dim.
-        h = F.silu(gate) * up * weights.reshape(-1)[order, None].to(x.dtype)  # (n*k, inter)
-        y = grouped_linear(h, self.down_proj, counts)  # (n*k, dim), sorted by expert
-        # Un-sort and add each token's k contributions: a fixed summation order, so the result is
-        # deterministic on every device (unlike an atomic scatter-add on a GPU).
-        unsorted = torch.empty_like(y)
-        unsorted[order] = y
+        sorted_ids = flat[order]
+        gate_values = weights.reshape(-1)[order, None].to(tokens.dtype)  # (n*k, 1)
+        unsorted = tokens.new_empty(n * k, tokens.shape[1])  # each assignment's output, in (token, slot) order
+        for start in range(0, n * k, self.block_rows):
+            rows = slice(start, start + self.block_rows)
+            counts = torch.bincount(sorted_ids[rows], minlength=self.n_experts)  # (experts,) rows per expert
+            x = tokens[order[rows] // k]  # (rows, dim): the token of each assignment, expert 0's first
+            gate, up = grouped_linear(x, self.gate_up_proj, counts).split(self.inter_dim, dim=-1)
+            # The gate value scales the expert's output; applied before down_proj (linear), it touches
+            # inter_dim numbers per row instead of dim.
+            h = F.silu(gate) * up * gate_values[rows]  # (rows, inter)
+            unsorted[order[rows]] = grouped_linear(h, self.down_proj, counts)  # (rows, dim)
+        # Each token's k contributions are added in a fixed order, so the result is deterministic on
+        # every device (unlike an atomic scatter-add on a GPU).
         return reduce(unsorted, "(n k) d -> n d", "sum", k=k)
 
 def _split_state_dict(module: StackedExperts, state_dict: dict, prefix: str, local_metadata) -> None:

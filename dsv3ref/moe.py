@@ -34,8 +34,8 @@ class MoE(nn.Module):
         self.moe_impl = moe_impl
         self.gate = Router(cfg)
         if moe_impl == "loop":
-            self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
-                                         for _ in range(cfg.n_routed_experts))
+            self.experts = LoopExperts(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                       for _ in range(cfg.n_routed_experts))
         else:
             self.experts = StackedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
@@ -45,21 +45,22 @@ class MoE(nn.Module):
         """x (b, t, dim) -> (b, t, dim)."""
         tokens = rearrange(x, "b t d -> (b t) d")
         weights, ids = self.gate(tokens)  # (n, k), (n, k)
-        if self.moe_impl == "loop":
-            out = self.routed_loop(tokens, weights, ids)
-        else:
-            out = self.experts(tokens, weights, ids)
+        out = self.experts(tokens, weights, ids)  # (n, dim): sum of g * expert output
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         return rearrange(out, "(b t) d -> b t d", b=x.shape[0])
 
-    def routed_loop(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+
+class LoopExperts(nn.ModuleList):
+    """The routed experts as separate MLPs (`experts.{e}.gate_proj`, ...), run one at a time."""
+
+    def forward(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The readable oracle: visit each expert, run it on the tokens routed to it, add g * output.
 
         tokens (n, dim), weights (n, k), ids (n, k) -> (n, dim).
         """
         out = torch.zeros_like(tokens)
-        for e, expert in enumerate(self.experts):
+        for e, expert in enumerate(self):
             token_idx, slot = torch.where(ids == e)  # the tokens that chose expert e, and in which slot
             if token_idx.numel() == 0:
                 continue

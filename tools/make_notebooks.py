@@ -104,8 +104,10 @@ layer; that is what makes 671B parameters cost like a 37B model per token."""),
 We give the tiny model random weights, save it in the published checkpoint format, load the same
 files into Hugging Face transformers' `DeepseekV3ForCausalLM` (installed with the test extra,
 `pip install -e ".[test]"`), and compare the logits of one batch."""),
-    ("code", """from transformers import DeepseekV3ForCausalLM
+    ("code", """import transformers
+from transformers import DeepseekV3ForCausalLM
 
+transformers.logging.disable_progress_bar()
 with torch.no_grad():
     for name, p in tiny.named_parameters():  # weights large enough that attention and routing matter
         if "norm" not in name:
@@ -145,7 +147,6 @@ import matplotlib.pyplot as plt
 import torch
 from einops import einsum, rearrange
 
-import dsv3ref
 from dsv3ref import DeepseekV3, ModelConfig, kv_cache_bytes
 from dsv3ref.rope import RotaryEmbedding
 
@@ -320,7 +321,6 @@ sequence-wise balance loss)."""),
     ("code", """import matplotlib.pyplot as plt
 import torch
 
-import dsv3ref
 from dsv3ref import DeepseekV3, ModelConfig, routing
 from dsv3ref.router import select_experts
 
@@ -460,6 +460,148 @@ assert load.sum(1).eq(ids_batch.numel() * cfg.num_experts_per_tok).all()    # ev
 assert after[hot].sum() < before[hot].sum()                                 # the update cools hot experts
 assert spread["after"] < spread["before"]                                   # and evens out the load
 assert grouped_error < 1e-5
+print("all checks passed")"""),
+]
+
+
+NOTEBOOKS["03_oracle"] = [
+    ("md", r"""# 03 · Use dsv3ref as your oracle
+
+**What this notebook teaches.** How to check your own DeepSeek-V3 implementation (a kernel, a
+serving engine, a port) against dsv3ref, and how to find *where* it goes wrong rather than only
+*that* its logits differ. We trace every intermediate tensor of a forward pass, line two traces up
+point by point, and let `compare` name the first point past tolerance. Then we plant three bugs
+that have shipped in public implementations and watch `compare` point at the exact layer and tensor.
+
+Covers the whole forward pass of the report's §2.1; no new equations."""),
+    ("code", """import contextlib
+import tempfile
+
+import torch
+
+import dsv3ref
+from dsv3ref import DeepseekV3, ModelConfig, compare, trace
+
+torch.manual_seed(0)
+torch.set_grad_enabled(False)
+cfg = ModelConfig.preset("tiny").replace(num_hidden_layers=4)
+model = DeepseekV3(cfg)
+for name, p in model.named_parameters():            # weights large enough for the bugs to matter
+    if "norm" not in name:
+        p.normal_(0, 1.0 if "embed" in name else p.shape[-1] ** -0.5)
+folder = tempfile.mkdtemp()
+dsv3ref.save_pretrained(model, folder)
+ids = torch.randint(0, cfg.vocab_size, (2, 40))"""),
+    ("md", """## 1. A trace
+
+`dsv3ref.trace(model, input_ids)` records, under the checkpoint's module names, the residual stream
+before and after attention, the attention output, the router's choice, the routed and shared
+experts' outputs, each layer's output, the final norm and the logits. Hooks are attached for the
+call and removed after it, so a model that is not being traced pays nothing."""),
+    ("code", """reference = trace(DeepseekV3.from_pretrained(folder), ids)
+for key, value in list(reference.items())[:12]:
+    print(f"{key:48s} {tuple(value.shape)}")
+print(f"... {len(reference)} points in all")"""),
+    ("md", """## 2. Another implementation, same weights
+
+Here the other implementation is Hugging Face transformers' `DeepseekV3ForCausalLM`, traced with
+forward hooks on its modules (which carry the same names). To plug in your own model, give its
+modules the checkpoint's names (or wrap them) and call `dsv3ref.trace_modules(your_model, run)`,
+where `run` performs one forward pass: any implementation that can be hooked can be compared.
+`compare` prints one row per point: rounding differences (~1e-7 relative in float32) everywhere."""),
+    ("code", """import transformers
+from transformers import DeepseekV3ForCausalLM
+
+transformers.logging.disable_progress_bar()
+hf = DeepseekV3ForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
+against_hf = compare(reference, dsv3ref.trace_hf(hf, ids))
+print(against_hf)"""),
+    ("md", """## 3. Three real bugs
+
+Each is injected into a fresh copy of the model; the trace of the broken copy is compared with the
+reference trace.
+
+1. **RoPE in the wrong layout.** DeepSeek rotates interleaved pairs $(x_{2i}, x_{2i+1})$; the
+   Llama-style "rotate half" pairs $(x_i, x_{i+d/2})$. Loading DeepSeek weights into rotate-half
+   code without permuting them silently gives a different model.
+2. **The balancing bias in the combine weights.** $b_i$ must only steer the choice of experts;
+   adding it to the gate values too changes every MoE output.
+3. **YaRN without the mscale correction of the softmax scale.** With `factor` > 1 the attention
+   logits must be scaled by $(0.1 \\ln s + 1)^2$ as well."""),
+    ("code", """def half_split_rope(x, cos, sin):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+@contextlib.contextmanager
+def non_interleaved_rope(model):
+    original = dsv3ref.mla.apply_rope
+    dsv3ref.mla.apply_rope = half_split_rope
+    try:
+        yield
+    finally:
+        dsv3ref.mla.apply_rope = original
+
+
+@contextlib.contextmanager
+def bias_in_combine_weights(model, layer=2):
+    gate = model.model.layers[layer].mlp.gate
+    plain = gate.forward
+    with torch.no_grad():
+        gate.e_score_correction_bias.copy_(0.1 * torch.randn_like(gate.e_score_correction_bias))
+
+    def buggy(x):
+        weights, ids = plain(x)
+        return weights + gate.e_score_correction_bias[ids], ids
+    gate.forward = buggy
+    yield
+
+
+@contextlib.contextmanager
+def yarn_without_mscale(model):
+    for layer in model.model.layers:
+        layer.self_attn.softmax_scale = cfg.qk_head_dim ** -0.5
+    yield
+
+
+found = {}
+for bug in (non_interleaved_rope, bias_in_combine_weights, yarn_without_mscale):
+    broken = DeepseekV3.from_pretrained(folder)
+    with bug(broken):
+        if bug is bias_in_combine_weights:  # the reference must carry the same (non-zero) bias
+            good = DeepseekV3.from_pretrained(folder)
+            good.model.layers[2].mlp.gate.e_score_correction_bias.copy_(
+                broken.model.layers[2].mlp.gate.e_score_correction_bias)
+            ref = trace(good, ids)
+        else:
+            ref = reference
+        result = compare(ref, trace(broken, ids))
+    found[bug.__name__] = result.first_divergence
+    print(f"{bug.__name__:26s} -> first divergence: {result.first_divergence}")"""),
+    ("md", """The table for the second bug: everything up to layer 2's router agrees to rounding; the router's
+gate values are the first point past tolerance (`>>`), its choice of experts (`:ids`) is unchanged,
+and everything downstream differs because of it."""),
+    ("code", """broken = DeepseekV3.from_pretrained(folder)
+with bias_in_combine_weights(broken):
+    good = DeepseekV3.from_pretrained(folder)
+    good.model.layers[2].mlp.gate.e_score_correction_bias.copy_(broken.model.layers[2].mlp.gate.e_score_correction_bias)
+    table = compare(trace(good, ids), trace(broken, ids))
+print("\\n".join(str(table).splitlines()[16:30]))"""),
+    ("md", """## 4. float64 as the oracle's own reference
+
+Loading with `dtype=torch.float64` runs every component in double precision, so the oracle's own
+rounding error sits far below what a float32 or bf16 implementation is tested against."""),
+    ("code", """t64 = trace(DeepseekV3.from_pretrained(folder, dtype=torch.float64), ids)
+float32_vs_64 = compare(t64, reference, rtol=1e-5)
+worst = max(r.max_rel for r in float32_vs_64.rows if not r.key.endswith(":ids"))
+print(f"float32 against float64: worst relative error {worst:.1e} over {len(float32_vs_64.rows)} points")"""),
+    ("md", "## Checks"),
+    ("code", """assert against_hf.ok                                                     # HF agrees at every point
+assert found["non_interleaved_rope"] == "model.layers.0.self_attn"       # RoPE: the first attention
+assert found["bias_in_combine_weights"] == "model.layers.2.mlp.gate:weights"  # the router of layer 2
+assert found["yarn_without_mscale"] == "model.layers.0.self_attn"        # the softmax scale: first attention
+assert table.routing_flips["model.layers.2.mlp.gate"] == 0               # the choice itself was right
+assert float32_vs_64.ok and worst < 1e-5
 print("all checks passed")"""),
 ]
 
