@@ -21,8 +21,8 @@ def demo(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = DeepseekV3(cfg).eval()
     tiny = count_parameters(cfg)
-    print(f"tiny preset (random weights, untrained): {tiny.total:,} parameters, {cfg.num_hidden_layers} layers, "
-          f"{cfg.n_routed_experts} routed experts")
+    print(f"tiny preset (random weights, untrained): {tiny.total:,} parameters + {tiny.mtp:,} in its MTP module, "
+          f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} routed experts")
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     start = time.perf_counter()
     with torch.no_grad():

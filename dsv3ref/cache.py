@@ -31,7 +31,7 @@ def cache_shapes(cfg: ModelConfig, kind: str, batch_size: int, max_seq_len: int)
 
 
 class KVCache:
-    """One preallocated cache per decoder layer.
+    """One preallocated cache per decoder layer (and per MTP module, when the model has them).
 
     kind "latent" (for attn_impl="absorb"): per layer `c_kv` (batch, max_seq_len, kv_lora_rank) and
     `k_rope` (batch, max_seq_len, qk_rope_head_dim).
@@ -40,7 +40,7 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int, kind: str,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", n_layers: int | None = None):
         for name, value in (("batch_size", batch_size), ("max_seq_len", max_seq_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, found {value!r}")
@@ -53,7 +53,7 @@ class KVCache:
         self.max_seq_len = max_seq_len
         self.layers: list[dict[str, torch.Tensor]] = [
             {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in shapes.items()}
-            for _ in range(cfg.num_hidden_layers)
+            for _ in range(cfg.num_hidden_layers if n_layers is None else n_layers)
         ]
 
     @property

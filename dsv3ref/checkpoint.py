@@ -73,6 +73,8 @@ def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 
         raise NotADirectoryError(f"save_pretrained: {path} exists and is not a folder")
     path.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    for copy, main in _mtp_copies(model.config).items():
+        state[copy] = state[main].clone()  # the published layout stores these copies; engines read them
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -138,13 +140,36 @@ def tensor_files(path: str | Path) -> dict[str, Path]:
                           f"{found if found else 'no safetensors files'}")
 
 
+def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
+    """Checkpoint names of the MTP modules' copies of the embedding and head -> the main tensor."""
+    copies = {}
+    for k in range(cfg.num_nextn_predict_layers):
+        prefix = f"model.layers.{cfg.num_hidden_layers + k}."
+        copies[prefix + "embed_tokens.weight"] = "model.embed_tokens.weight"
+        copies[prefix + "shared_head.head.weight"] = ("model.embed_tokens.weight" if cfg.tie_word_embeddings
+                                                     else "lm_head.weight")
+    return copies
+
+
 def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl) -> DeepseekV3:
-    """Build `cls(config)` on `device` in `dtype` and fill it from the checkpoint in `path`."""
+    """Build `cls(config)` on `device` in `dtype` and fill it from the checkpoint in `path`.
+
+    MTP modules: config.json's num_nextn_predict_layers decides how many are read (from
+    `model.layers.{num_hidden_layers + k}`); a checkpoint that stores none loads with MTP off
+    (num_nextn_predict_layers = 0); their copies of the embedding and head must equal the main ones.
+    """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype such as torch.float32, found {dtype!r}")
     path = Path(path)
     files = tensor_files(path)
     cfg = ModelConfig.from_pretrained(path)
+    n_main, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    layer_ids = {int(m.group(1)) for m in map(_LAYER.match, files) if m}
+    notes = []
+    if n_mtp and not layer_ids & set(range(n_main, n_main + n_mtp)):
+        notes.append(f"config.json asks for {n_mtp} MTP module(s) but the checkpoint stores none: MTP is off")
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+        n_mtp = 0
     with torch.device("meta"):
         model = cls(cfg, attn_impl=attn_impl, moe_impl=moe_impl)
     model = model.to(dtype=dtype).to_empty(device=device)
@@ -153,19 +178,20 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl) -> Deepsee
     targets = model.state_dict()
     if cfg.tie_word_embeddings:
         del targets["lm_head.weight"]  # the embedding, loaded under its own name
+    copies = _mtp_copies(cfg)
 
     by_file: dict[Path, list[str]] = {}
     unused: list[str] = []
     for name, file in files.items():
-        if name in targets:
+        if name in targets or name in copies:
             by_file.setdefault(file, []).append(name)
             continue
         m = _LAYER.match(name)
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             raise CheckpointError(f"{file}: stores lm_head.weight although config.json sets "
                                   "tie_word_embeddings=true (the head is the embedding)")
-        if m and int(m.group(1)) >= cfg.num_hidden_layers:
-            unused.append(name)  # a Multi-Token Prediction module: not part of the main model
+        if m and int(m.group(1)) >= n_main + n_mtp:
+            unused.append(name)  # an MTP module beyond num_nextn_predict_layers
         elif name.endswith(".weight_scale_inv"):
             raise CheckpointError(f"{file}: tensor {name} is an FP8 block scale; this checkpoint stores "
                                   "FP8 weights, which dsv3ref does not load yet (convert it to bf16 first)")
@@ -174,24 +200,34 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl) -> Deepsee
                                   f"config.json; {len(targets)} parameters expected)")
 
     loaded = set()
+    copy_values = {}
     with torch.no_grad():
         for file, names in by_file.items():
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in names:
                     sl = f.get_slice(name)
                     shape, kind = tuple(sl.get_shape()), sl.get_dtype()
-                    want = tuple(targets[name].shape)
+                    want = tuple(targets[copies.get(name, name)].shape)
                     if shape != want:
                         raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {want} "
                                               f"from config.json")
                     if kind not in _FLOAT_DTYPES:
                         raise CheckpointError(f"{file}: tensor {name} has dtype {kind}, expected one of "
                                               f"{sorted(_FLOAT_DTYPES)}")
-                    targets[name].copy_(f.get_tensor(name))
-                    loaded.add(name)
-    missing = sorted(set(targets) - loaded)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{path}: missing tensor(s) {shown}")
+                    if name in copies:
+                        copy_values[name] = (file, f.get_tensor(name))
+                    else:
+                        targets[name].copy_(f.get_tensor(name))
+                        loaded.add(name)
+        missing = sorted(set(targets) - loaded)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise CheckpointError(f"{path}: missing tensor(s) {shown}")
+        for name, (file, value) in copy_values.items():
+            main = targets[copies[name]]
+            if not torch.equal(value.to(main.dtype), main):
+                raise CheckpointError(f"{file}: tensor {name} differs from {copies[name]}; dsv3ref shares the main "
+                                      "model's embedding and head with the MTP modules, as the report does")
     model.unused_tensors = sorted(unused)
+    model.load_notes = notes
     return model.eval()

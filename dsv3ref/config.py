@@ -315,7 +315,7 @@ class ModelConfig:
                 num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
                 rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=128, mscale=1.0,
                                          mscale_all_dim=1.0),
-                max_position_embeddings=512, num_nextn_predict_layers=0, quantization_config=None,
+                max_position_embeddings=512, num_nextn_predict_layers=1, quantization_config=None,
             )
         if name == "small":
             return cls(

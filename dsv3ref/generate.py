@@ -1,10 +1,21 @@
-"""Text generation over the static KV cache: batched, greedy or sampled, stopping on EOS per row.
+"""Text generation over the static KV cache: batched, greedy or sampled, stopping on EOS per row,
+optionally with self-speculative decoding by the model's own MTP modules.
 
 Prompts of different lengths are right-padded into one batch and prefilled together; from then on
 each row decodes at its own position (`start_pos` is a per-row tensor), so a row's keys sit at the
 same cache indices, and it sees exactly the same keys, as when it is generated alone. Padding
 written past a row's end is never attended (the causal mask hides every index beyond the query's
 position) and is overwritten by the row's next tokens.
+
+Self-speculative decoding (`speculative=True`; DeepSeek-V3 report, section 5.4.3): at each step the
+MTP modules draft the next D tokens (module k drafts token p+k from module k-1's hidden state); the
+main model then runs once over [last token, drafts] and keeps the drafts up to the first one it
+disagrees with, plus one token of its own (the correction, or a bonus token if all were accepted).
+Greedy drafts are accepted iff they equal the main model's argmax, so the output is exactly plain
+greedy decoding. With sampling, draft x ~ q is accepted with probability min(1, p(x)/q(x)), and a
+rejected one is replaced by a sample of norm(max(0, p - q)) (Leviathan et al. 2023; Chen et al.
+2023): the output distribution is that of plain sampling. "Rolling back" the cache needs no copy:
+entries are indexed by position, so the rejected positions are masked until they are overwritten.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsv3ref.cache import KVCache
 from dsv3ref.model import DeepseekV3
 
 
@@ -29,7 +41,10 @@ class Generation:
     finished: list[bool]
     """Whether the row stopped on EOS (False: it reached max_new_tokens)."""
     stats: dict[str, float] = field(default_factory=dict)
-    """prefill_seconds, decode_seconds, forward_passes, generated_tokens."""
+    """prefill_seconds, decode_seconds, forward_passes (of the main model, a batch counting once),
+    generated_tokens, tokens_per_forward (tokens a sequence gains per main-model pass: at most 1
+    for plain decoding, up to D + 1 with speculation); with speculative decoding also
+    drafted_tokens, accepted_tokens and acceptance_rate (accepted / drafted)."""
 
     @property
     def sequences(self) -> list[list[int]]:
@@ -78,6 +93,141 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+class _Sampler:
+    """Turns logits into tokens: argmax at temperature 0, else a seeded draw from the filtered softmax."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None):
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution a token is drawn from, (..., vocab) float32+ (one-hot at temperature 0)."""
+        if self.temperature == 0:
+            return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        return _filter_logits(logits.float() / self.temperature, self.top_k, self.top_p).softmax(-1)
+
+    def draw(self, probs: torch.Tensor) -> torch.Tensor:
+        """A token per row of probs (b, vocab) -> (b,)."""
+        if self.temperature == 0:
+            return probs.argmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.draw(self.probs(logits))
+
+    def uniform(self) -> float:
+        """A draw from U(0, 1) from the same generator."""
+        device = self.generator.device if self.generator is not None else "cpu"
+        return torch.rand((), generator=self.generator, device=device).item()
+
+
+def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sampler: _Sampler, eos: set[int],
+           stream) -> tuple[list[list[int]], list[bool], dict, KVCache]:
+    """Batched decoding, one token per row per forward pass."""
+    device, batch = model.device, len(prompts)
+    longest = max(map(len, prompts))
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (b,)
+    padded = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        padded[b, : len(p)] = torch.tensor(p, device=device)
+    cache = model.new_cache(batch, longest + max_new_tokens)
+
+    start = time.perf_counter()
+    hidden = model.hidden_states(padded, cache, 0)  # (b, longest, dim)
+    logits = model.lm_head(hidden[torch.arange(batch, device=device), lengths - 1])  # (b, vocab)
+    prefill_s = time.perf_counter() - start
+    positions = lengths.clone()  # where each row's next token goes
+    tokens: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * batch
+    passes = 1
+    start = time.perf_counter()
+    for step in range(max_new_tokens):
+        next_ids = sampler(logits)  # (b,)
+        emitted: list[int | None] = []
+        for b, tok in enumerate(next_ids.tolist()):
+            if finished[b]:
+                emitted.append(None)
+                continue
+            tokens[b].append(tok)
+            emitted.append(tok)
+            finished[b] = tok in eos
+        if stream is not None:
+            stream(emitted)
+        if all(finished) or step == max_new_tokens - 1:
+            break
+        logits = model(next_ids[:, None], cache, start_pos=positions)[:, -1]
+        positions += 1
+        passes += 1
+    stats = {"prefill_seconds": prefill_s, "decode_seconds": time.perf_counter() - start, "forward_passes": passes,
+             "sequence_forwards": passes * batch}
+    return tokens, finished, stats, cache
+
+
+def _speculative(model: DeepseekV3, prompt: list[int], max_new_tokens: int, sampler: _Sampler, eos: set[int],
+                 emit) -> tuple[list[int], bool, dict, KVCache]:
+    """Self-speculative decoding of one sequence (see the module docstring).
+
+    State between steps: tokens t_0..t_p are decided, the main model has processed positions < p
+    (t_p is its next input), `main_hidden` holds its final-norm hidden states h^0 for those positions,
+    and the MTP caches are final for positions < `mtp_from`.
+    """
+    depth = len(model.mtp_layers)
+    device, n_prompt = model.device, len(prompt)
+    cache = model.new_cache(1, n_prompt + max_new_tokens + depth)
+    main_hidden = torch.zeros(1, n_prompt + max_new_tokens + depth, model.config.hidden_size, dtype=model.dtype,
+                              device=device)
+
+    start = time.perf_counter()
+    h = model.hidden_states(torch.tensor([prompt], device=device), cache, 0)  # (1, P, d)
+    main_hidden[:, :n_prompt] = h
+    seq = list(prompt) + [int(sampler(model.lm_head(h[:, -1]))[0])]
+    prefill_s = time.perf_counter() - start
+    out = [seq[-1]]
+    done = emit(seq[-1])
+    p, mtp_from, passes, drafted, accepted = n_prompt, 0, 1, 0, 0
+    start = time.perf_counter()
+    while not done and len(out) < max_new_tokens:
+        # Draft: module k at positions mtp_from..p-1 reads h^{k-1} and t_{i+k}; its last position drafts t_{p+k}.
+        drafts, draft_probs = [], []
+        h = main_hidden[:, mtp_from:p]  # (1, w, d)
+        for k in range(1, depth + 1):
+            known = seq + drafts  # t_0 .. t_p, then the drafts t_{p+1} ..
+            next_ids = torch.tensor([known[mtp_from + k:p + k]], device=device)  # t_{i+k} for i in the window
+            h = model.mtp_hidden_states(k, h, next_ids, cache, start_pos=mtp_from)
+            q = sampler.probs(model.mtp_logits(k, h[:, -1]))  # (1, vocab)
+            drafts.append(int(sampler.draw(q)[0]))
+            draft_probs.append(q[0])
+        mtp_from = max(0, p - depth)  # positions below are final: all their t_{i+k} are decided
+        # Verify: one main-model pass over [t_p, drafts]; its logits at j predict t_{p+j+1}.
+        hv = model.hidden_states(torch.tensor([[seq[p]] + drafts], device=device), cache, start_pos=p)
+        target = sampler.probs(model.lm_head(hv[0]))  # (depth + 1, vocab)
+        passes += 1
+        drafted += depth
+        n_ok = 0
+        for j, d in enumerate(drafts):
+            ratio = (target[j, d] / draft_probs[j][d]).item()
+            if sampler.temperature == 0 and ratio >= 1 or sampler.temperature > 0 and sampler.uniform() < ratio:
+                n_ok += 1
+                continue
+            residual = (target[j] - draft_probs[j]).clamp(min=0)
+            extra = int(sampler.draw((residual / residual.sum())[None])[0]) if sampler.temperature > 0 \
+                else int(target[j].argmax())
+            break
+        else:
+            extra = int(sampler.draw(target[depth][None])[0])  # every draft kept: a bonus token
+        accepted += n_ok
+        main_hidden[:, p:p + n_ok + 1] = hv[:, :n_ok + 1]
+        for tok in drafts[:n_ok] + [extra]:
+            seq.append(tok)
+            out.append(tok)
+            done = emit(tok)
+            if done or len(out) == max_new_tokens:
+                break
+        p += n_ok + 1
+    stats = {"prefill_seconds": prefill_s, "decode_seconds": time.perf_counter() - start, "forward_passes": passes,
+             "sequence_forwards": passes, "drafted_tokens": drafted, "accepted_tokens": accepted}
+    return out, done, stats, cache
+
+
 @torch.inference_mode()
 def generate(
     model: DeepseekV3,
@@ -90,6 +240,7 @@ def generate(
     seed: int | None = None,
     stream: Callable[[list[int | None]], None] | None = None,
     attention_mask: torch.Tensor | None = None,
+    speculative: bool = False,
 ) -> Generation:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
@@ -97,8 +248,10 @@ def generate(
     temperature 0 is greedy (argmax, deterministic); otherwise tokens are sampled from
     softmax(logits / temperature) restricted by top_k (0: off) and top_p (1.0: off), reproducibly
     for a given `seed`. eos_token_id: id or ids that end a row; None takes the config's
-    eos_token_id, [] never stops early. stream: called after every step with one entry per row,
-    the new token or None for rows already finished.
+    eos_token_id, [] never stops early. stream: called for every new token with one entry per row,
+    the new token or None for the other rows. speculative: draft with the model's MTP modules and
+    verify with the main model (rows are then decoded one after another); the tokens are those of
+    plain decoding (greedy) or follow its distribution (sampling), and `stats` reports the acceptance.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens: expected a positive integer, found {max_new_tokens!r}")
@@ -117,52 +270,38 @@ def generate(
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
     eos = set([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+    depth = len(model.mtp_layers) if speculative else 0
+    if speculative and not depth:
+        raise ValueError("speculative: the model has no MTP modules (num_nextn_predict_layers=0 or none in the "
+                         "checkpoint)")
     longest = max(map(len, prompts))
     limit = model.config.max_position_embeddings
-    if longest + max_new_tokens > limit:
-        raise ValueError(f"max_new_tokens: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} "
+    if longest + max_new_tokens + depth > limit:
+        extra = f" + {depth} draft position(s)" if depth else ""
+        raise ValueError(f"max_new_tokens: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens}{extra} "
                          f"exceeds max_position_embeddings={limit}")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
+    sampler = _Sampler(temperature, top_k, top_p, generator)
 
-    device, batch = model.device, len(prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (b,)
-    padded = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        padded[b, : len(p)] = torch.tensor(p, device=device)
-    cache = model.new_cache(batch, longest + max_new_tokens)
+    if not speculative:
+        tokens, finished, stats, _ = _plain(model, prompts, max_new_tokens, sampler, eos, stream)
+    else:
+        tokens, finished, totals = [], [], {}
+        for row, prompt in enumerate(prompts):
+            def emit(tok: int, row: int = row) -> bool:
+                if stream is not None:
+                    stream([tok if b == row else None for b in range(len(prompts))])
+                return tok in eos
 
-    start = time.perf_counter()
-    hidden = model.hidden_states(padded, cache, 0)  # (b, longest, dim)
-    logits = model.lm_head(hidden[torch.arange(batch, device=device), lengths - 1])  # (b, vocab)
-    prefill_s = time.perf_counter() - start
-    positions = lengths.clone()  # where each row's next token goes
-    tokens: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * batch
-    passes = 1
-    start = time.perf_counter()
-    for step in range(max_new_tokens):
-        if temperature == 0:
-            next_ids = logits.argmax(dim=-1)  # (b,)
-        else:
-            probs = _filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
-            next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        emitted: list[int | None] = []
-        for b, tok in enumerate(next_ids.tolist()):
-            if finished[b]:
-                emitted.append(None)
-                continue
-            tokens[b].append(tok)
-            emitted.append(tok)
-            finished[b] = tok in eos
-        if stream is not None:
-            stream(emitted)
-        if all(finished) or step == max_new_tokens - 1:
-            break
-        logits = model(next_ids[:, None], cache, start_pos=positions)[:, -1]
-        positions += 1
-        passes += 1
-    stats = {"prefill_seconds": prefill_s, "decode_seconds": time.perf_counter() - start,
-             "forward_passes": passes, "generated_tokens": sum(map(len, tokens))}
+            out, done, stats, _ = _speculative(model, prompt, max_new_tokens, sampler, eos, emit)
+            tokens.append(out)
+            finished.append(done)
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0) + value
+        stats = totals
+        stats["acceptance_rate"] = stats["accepted_tokens"] / max(stats["drafted_tokens"], 1)
+    stats["generated_tokens"] = sum(map(len, tokens))
+    stats["tokens_per_forward"] = stats["generated_tokens"] / stats.pop("sequence_forwards")
     return Generation(prompts=prompts, tokens=tokens, finished=finished, stats=stats)

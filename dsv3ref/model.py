@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -13,17 +14,25 @@ from dsv3ref.cache import CACHE_KIND_FOR_ATTN, KVCache
 from dsv3ref.config import ModelConfig
 from dsv3ref.mla import ATTN_IMPLS
 from dsv3ref.moe import MOE_IMPLS
+from dsv3ref.mtp import DEFAULT_MTP_LAMBDA, MTPLayer
 from dsv3ref.norm import RMSNorm
 from dsv3ref.rope import RotaryEmbedding
 
 
 class DeepseekV3Body(nn.Module):
-    """What the checkpoint calls `model.*`: `embed_tokens`, `layers.{i}`, `norm`."""
+    """What the checkpoint calls `model.*`: `embed_tokens`, `layers.{i}`, `norm`.
+
+    `layers` holds the num_hidden_layers decoder layers followed by the num_nextn_predict_layers MTP
+    modules, which the checkpoint stores as further layers (`model.layers.61` in DeepSeek-V3).
+    """
 
     def __init__(self, cfg: ModelConfig, attn_impl: str, moe_impl: str):
         super().__init__()
+        n = cfg.num_hidden_layers
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, attn_impl, moe_impl) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            [DecoderLayer(cfg, i, attn_impl, moe_impl) for i in range(n)]
+            + [MTPLayer(cfg, n + k, attn_impl, moe_impl) for k in range(cfg.num_nextn_predict_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -70,6 +79,16 @@ class DeepseekV3(nn.Module):
                 nn.init.zeros_(b)
 
     @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The main model's decoder layers (without the MTP modules)."""
+        return self.model.layers[: self.config.num_hidden_layers]
+
+    @property
+    def mtp_layers(self) -> nn.ModuleList:
+        """The Multi-Token Prediction modules, depth 1 first (empty when the model has none)."""
+        return self.model.layers[self.config.num_hidden_layers:]
+
+    @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
@@ -100,7 +119,7 @@ class DeepseekV3(nn.Module):
         "naive". dtype and device follow the model unless given.
         """
         return KVCache(self.config, batch_size, max_seq_len, CACHE_KIND_FOR_ATTN[self.attn_impl],
-                       dtype=dtype or self.dtype, device=device or self.device)
+                       dtype=dtype or self.dtype, device=device or self.device, n_layers=len(self.model.layers))
 
     def _positions(self, input_ids: torch.Tensor, cache: KVCache | None, start_pos) -> torch.Tensor:
         """(b, t) absolute positions of the chunk; checks them against the limits."""
@@ -129,21 +148,73 @@ class DeepseekV3(nn.Module):
                                  f"max_seq_len={cache.max_seq_len} positions")
         return positions
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                      start_pos: int | torch.Tensor = 0) -> torch.Tensor:
-        """The final-norm output (b, t, dim) for a chunk of tokens (see `forward`)."""
-        self.check_input_ids(input_ids)
+    def _attention_inputs(self, input_ids, cache, start_pos, dtype):
+        """positions (b, t), cos/sin (b, t, rope/2) and the mask for a chunk (see `MLA.forward`)."""
         positions = self._positions(input_ids, cache, start_pos)  # (b, t)
-        x = self.model.embed_tokens(input_ids.long())  # (b, t, dim)
-        cos, sin = self.rotary(positions, x.dtype)  # (b, t, rope/2) each
+        cos, sin = self.rotary(positions, dtype)  # (b, t, rope/2) each
         if cache is None:  # keys are the chunk itself
             mask = rearrange(positions, "b s -> b 1 s") <= rearrange(positions, "b t -> b t 1")  # (b, t, t)
         else:  # keys are cache indices 0 .. end-1, index = position
-            keys = torch.arange(int(positions.max()) + 1, device=x.device)
+            keys = torch.arange(int(positions.max()) + 1, device=input_ids.device)
             mask = rearrange(keys, "s -> 1 1 s") <= rearrange(positions, "b t -> b t 1")  # (b, t, end)
-        for i, layer in enumerate(self.model.layers):
+        return positions, cos, sin, mask
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """The final-norm output (b, t, dim) for a chunk of tokens (see `forward`): what the LM head
+        reads, and the h^0 that the MTP modules take."""
+        self.check_input_ids(input_ids)
+        x = self.model.embed_tokens(input_ids.long())  # (b, t, dim)
+        positions, cos, sin, mask = self._attention_inputs(input_ids, cache, start_pos, x.dtype)
+        for i, layer in enumerate(self.decoder_layers):
             x = layer(x, cos, sin, mask, positions, None if cache is None else cache.layers[i])
         return self.model.norm(x)
+
+    def mtp_hidden_states(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor,
+                          cache: KVCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
+        """MTP module `depth` (1-based): h^{depth-1} (b, t, dim) at positions start_pos.. and the tokens
+        t_{i+depth} (b, t) -> h^depth (b, t, dim). Its logits are `mtp_logits(depth, h)`."""
+        if not 1 <= depth <= len(self.mtp_layers):
+            raise ValueError(f"depth: expected 1..{len(self.mtp_layers)} (the model's MTP modules), found {depth}")
+        self.check_input_ids(next_ids)
+        if hidden.shape[:2] != next_ids.shape:
+            raise ValueError(f"hidden: expected shape {tuple(next_ids.shape)} + (dim,) like next_ids, found "
+                             f"{tuple(hidden.shape)}")
+        layer = self.mtp_layers[depth - 1]
+        embeds = self.model.embed_tokens(next_ids.long())
+        positions, cos, sin, mask = self._attention_inputs(next_ids, cache, start_pos, embeds.dtype)
+        layer_cache = None if cache is None else cache.layers[self.config.num_hidden_layers + depth - 1]
+        return layer(hidden, embeds, cos, sin, mask, positions, layer_cache)
+
+    def mtp_logits(self, depth: int, mtp_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (b, t, vocab) of MTP module `depth` from its output h^depth: the shared head after
+        the module's own shared_head.norm (eq. 23)."""
+        return self.lm_head(self.mtp_layers[depth - 1].shared_head.norm(mtp_hidden))
+
+    def loss(self, input_ids: torch.Tensor, mtp_lambda: float = DEFAULT_MTP_LAMBDA) -> dict[str, torch.Tensor]:
+        """Training losses on token sequences input_ids (b, T): next-token cross-entropy of the main
+        model, and the MTP objective of eqs. 24-25 over the model's D modules.
+
+        Returns {"loss": main + mtp, "main": ..., "mtp": lambda / D * sum_k L^k, "mtp_per_depth": (D,)}.
+        """
+        t = input_ids.shape[1]
+        depth_count = len(self.mtp_layers)
+        if t < depth_count + 2:
+            raise ValueError(f"input_ids: {t} tokens are too few for {depth_count} MTP depth(s); expected at least "
+                             f"{depth_count + 2}")
+        h = self.hidden_states(input_ids)  # (b, T, d), h^0
+        main = F.cross_entropy(rearrange(self.lm_head(h[:, :-1]), "b t v -> (b t) v"),
+                               rearrange(input_ids[:, 1:], "b t -> (b t)").long())
+        per_depth = []
+        for k in range(1, depth_count + 1):
+            n = t - 1 - k  # positions i = 0 .. T-2-k predict t_{i+k+1}
+            h = self.mtp_hidden_states(k, h[:, :n], input_ids[:, k:k + n])
+            logits = self.mtp_logits(k, h)
+            per_depth.append(F.cross_entropy(rearrange(logits, "b t v -> (b t) v"),
+                                             rearrange(input_ids[:, k + 1:k + 1 + n], "b t -> (b t)").long()))
+        mtp = mtp_lambda * torch.stack(per_depth).mean() if per_depth else main.new_zeros(())
+        return {"loss": main + mtp, "main": main, "mtp": mtp,
+                "mtp_per_depth": torch.stack(per_depth) if per_depth else main.new_zeros(0)}
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 start_pos: int | torch.Tensor = 0) -> torch.Tensor:

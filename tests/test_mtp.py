@@ -1,0 +1,216 @@
+"""Multi-Token Prediction: the module against its equations, the loss, checkpoints, and speculative
+decoding against plain decoding.
+
+Tolerances: float32 MTP outputs against the direct float32 computation below 1e-5 relative (same
+operations, different grouping); speculative greedy decoding must give identical tokens.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_dsv3ref, rel_err, tiny_config
+from safetensors.torch import load_file, save_file
+
+import dsv3ref
+from dsv3ref import DeepseekV3, generate
+from dsv3ref.generate import _plain, _Sampler, _speculative
+from dsv3ref.rope import RotaryEmbedding
+
+
+def mtp_config(**changes):
+    return tiny_config(num_nextn_predict_layers=changes.pop("depth", 1), **changes)
+
+
+def direct_mtp(model, depth, h_prev, next_ids):
+    """Eqs. 21-23 written out: [enorm(Emb(t_{i+k})) ; hnorm(h_i^{k-1})] -> eh_proj -> one decoder layer
+    (pre-norm attention + pre-norm FFN, causal, RoPE positions 0..) -> shared_head.norm -> head."""
+    layer = model.model.layers[model.config.num_hidden_layers + depth - 1]
+    emb = model.model.embed_tokens.weight[next_ids]  # (b, t, d)
+
+    def rms(x, w):
+        return w * x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + model.config.rms_norm_eps)
+
+    x = torch.cat([rms(emb, layer.enorm.weight), rms(h_prev, layer.hnorm.weight)], dim=-1) @ layer.eh_proj.weight.T
+    b, t = next_ids.shape
+    pos = torch.arange(t).expand(b, t)
+    cos, sin = RotaryEmbedding(model.config)(pos, x.dtype)
+    mask = torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t)
+    h = x + layer.self_attn(rms(x, layer.input_layernorm.weight), cos, sin, mask)
+    h = h + layer.mlp(rms(h, layer.post_attention_layernorm.weight))
+    return h, rms(h, layer.shared_head.norm.weight) @ model.lm_head.weight.T
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_mtp_forward_matches_its_equations_embedding_first(depth):
+    cfg = mtp_config(depth=depth)
+    model = random_dsv3ref(cfg, seed=30)
+    ids = torch.randint(0, cfg.vocab_size, (2, 14))
+    with torch.no_grad():
+        h = model.hidden_states(ids)  # h^0 after the final norm
+        for k in range(1, depth + 1):
+            n = 14 - k
+            expected_h, expected_logits = direct_mtp(model, k, h[:, :n - 0], ids[:, k:k + n])
+            got = model.mtp_hidden_states(k, h[:, :n], ids[:, k:k + n])
+            assert rel_err(got, expected_h) < 1e-5
+            assert rel_err(model.mtp_logits(k, got), expected_logits) < 1e-5
+            h = got
+        # the other order (hidden first, as eq. 21 is printed) is a different function
+        layer = model.mtp_layers[0]
+        x = torch.randn(1, 3, cfg.hidden_size)
+        e = torch.randn(1, 3, cfg.hidden_size)
+        swapped = layer.eh_proj(torch.cat([layer.hnorm(x), layer.enorm(e)], -1))
+        assert rel_err(layer.combine(x, e), swapped) > 1e-2
+
+
+def test_mtp_loss_is_the_weighted_mean_of_per_depth_cross_entropies():
+    cfg = mtp_config(depth=2)
+    model = random_dsv3ref(cfg, seed=31)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    out = model.loss(ids, mtp_lambda=0.3)
+    with torch.no_grad():
+        h0 = model.hidden_states(ids)
+        main = F.cross_entropy(model.lm_head(h0[:, :-1]).reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
+        h1, l1 = direct_mtp(model, 1, h0[:, :10], ids[:, 1:11])  # predicts t_{i+2}, i = 0..9
+        ce1 = F.cross_entropy(l1.reshape(-1, cfg.vocab_size), ids[:, 2:12].reshape(-1))
+        _, l2 = direct_mtp(model, 2, h1[:, :9], ids[:, 2:11])  # predicts t_{i+3}, i = 0..8
+        ce2 = F.cross_entropy(l2.reshape(-1, cfg.vocab_size), ids[:, 3:12].reshape(-1))
+    assert out["main"].item() == pytest.approx(main.item(), rel=1e-5)
+    assert out["mtp_per_depth"].tolist() == pytest.approx([ce1.item(), ce2.item()], rel=1e-5)
+    assert out["mtp"].item() == pytest.approx(0.3 / 2 * (ce1.item() + ce2.item()), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(out["main"].item() + out["mtp"].item(), rel=1e-6)
+    out["loss"].backward()  # trainable end to end
+    assert model.mtp_layers[1].eh_proj.weight.grad.abs().sum() > 0
+
+
+def test_checkpoint_with_mtp_reloads_with_identical_mtp_logits(tmp_path):
+    cfg = mtp_config()
+    model = random_dsv3ref(cfg, seed=32)
+    dsv3ref.save_pretrained(model, tmp_path)
+    names = set(load_file(tmp_path / "model.safetensors"))
+    n = cfg.num_hidden_layers
+    for suffix in ["enorm.weight", "hnorm.weight", "eh_proj.weight", "embed_tokens.weight", "shared_head.norm.weight",
+                   "shared_head.head.weight", "self_attn.kv_b_proj.weight", "mlp.gate.e_score_correction_bias"]:
+        assert f"model.layers.{n}.{suffix}" in names
+    again = DeepseekV3.from_pretrained(tmp_path, moe_impl="grouped", attn_impl="absorb")
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        h = model.hidden_states(ids)
+        a = model.mtp_logits(1, model.mtp_hidden_states(1, h[:, :-1], ids[:, 1:]))
+        h2 = again.hidden_states(ids)
+        b = again.mtp_logits(1, again.mtp_hidden_states(1, h2[:, :-1], ids[:, 1:]))
+    assert rel_err(b, a) < 1e-5
+    plain = DeepseekV3.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(plain.mtp_logits(1, plain.mtp_hidden_states(1, h[:, :-1], ids[:, 1:])), a)
+
+
+def test_checkpoint_without_mtp_loads_with_mtp_off(tmp_path):
+    cfg = mtp_config()
+    model = random_dsv3ref(cfg, seed=33)
+    dsv3ref.save_pretrained(model, tmp_path)
+    tensors = {k: v for k, v in load_file(tmp_path / "model.safetensors").items() if not k.startswith("model.layers.3.")}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = DeepseekV3.from_pretrained(tmp_path)
+    assert len(loaded.mtp_layers) == 0 and loaded.config.num_nextn_predict_layers == 0
+    assert "MTP is off" in loaded.load_notes[0]
+    with pytest.raises(ValueError, match="no MTP modules"):
+        generate(loaded, [[1, 2]], 3, speculative=True)
+
+
+def test_mtp_copy_of_the_head_must_equal_the_main_head(tmp_path):
+    cfg = mtp_config()
+    dsv3ref.save_pretrained(random_dsv3ref(cfg, seed=34), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.3.shared_head.head.weight"] += 1
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(dsv3ref.CheckpointError, match="model.layers.3.shared_head.head.weight differs from lm_head"):
+        DeepseekV3.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("depth,seed,attn_impl", [(1, 40, "absorb"), (1, 41, "naive"), (2, 42, "absorb"),
+                                                  (3, 43, "absorb")])
+def test_greedy_speculative_equals_plain_greedy(depth, seed, attn_impl):
+    cfg = mtp_config(depth=depth)
+    model = random_dsv3ref(cfg, seed=seed, attn_impl=attn_impl)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (1, 4, 9, 16, 23)]
+    plain = generate(model, prompts, 24, eos_token_id=[])
+    spec = generate(model, prompts, 24, eos_token_id=[], speculative=True)
+    assert spec.tokens == plain.tokens
+    assert spec.stats["drafted_tokens"] > 0 and 0 <= spec.stats["acceptance_rate"] <= 1
+    assert spec.stats["tokens_per_forward"] == pytest.approx(
+        spec.stats["generated_tokens"] / spec.stats["forward_passes"])  # rows are decoded one at a time
+    assert plain.stats["tokens_per_forward"] == pytest.approx(1.0)  # one token per row per pass
+
+
+@pytest.mark.parametrize("wrong_from_depth,expected_rate", [(None, 1.0), (2, 0.5), (1, 0.0)])
+def test_acceptance_accounting_with_a_scripted_drafter(monkeypatch, wrong_from_depth, expected_rate):
+    """Replace the MTP drafts by the true greedy continuation (right up to some depth, wrong after):
+    acceptance and tokens per forward must follow exactly, and the output must not change."""
+    cfg = mtp_config(depth=2)
+    model = random_dsv3ref(cfg, seed=44, attn_impl="absorb")
+    prompt = torch.randint(0, cfg.vocab_size, (5,)).tolist()
+    truth = prompt + generate(model, [prompt], 33, eos_token_id=[]).tokens[0]  # drafts look 2 ahead
+    last_position = {}
+    real_hidden = model.mtp_hidden_states
+
+    def hidden(depth, h, next_ids, cache=None, start_pos=0):
+        last_position["p"] = start_pos + next_ids.shape[1]  # the window ends at position p - 1
+        return real_hidden(depth, h, next_ids, cache, start_pos)
+
+    def logits(depth, h):
+        token = truth[last_position["p"] + depth]
+        if wrong_from_depth is not None and depth >= wrong_from_depth:
+            token = (token + 1) % cfg.vocab_size
+        return torch.zeros(h.shape[:-1] + (cfg.vocab_size,)).index_fill_(-1, torch.tensor(token), 1.0)
+
+    monkeypatch.setattr(model, "mtp_hidden_states", hidden)
+    monkeypatch.setattr(model, "mtp_logits", logits)
+    out = generate(model, [prompt], 30, eos_token_id=[], speculative=True)
+    assert out.tokens[0] == truth[len(prompt):len(prompt) + 30]
+    s = out.stats
+    assert s["acceptance_rate"] == pytest.approx(expected_rate)
+    steps = s["forward_passes"] - 1
+    # each verify pass emits its accepted drafts plus one token; the prefill emits one; the end may be cut
+    assert s["generated_tokens"] == min(30, 1 + steps + s["accepted_tokens"])
+    assert s["tokens_per_forward"] == pytest.approx(30 / s["forward_passes"])
+
+
+def test_cache_after_speculation_equals_cache_of_plain_decoding():
+    cfg = mtp_config(depth=2)
+    model = random_dsv3ref(cfg, seed=45, attn_impl="absorb")
+    prompt = torch.randint(0, cfg.vocab_size, (6,)).tolist()
+    greedy = _Sampler(0.0, 0, 1.0, None)
+    plain_tokens, _, _, plain_cache = _plain(model, [prompt], 17, greedy, set(), None)
+    spec_tokens, _, stats, spec_cache = _speculative(model, prompt, 17, greedy, set(), lambda tok: False)
+    assert spec_tokens == plain_tokens[0]
+    written = len(prompt) + 17 - 1  # the last token is never fed back
+    for layer in range(cfg.num_hidden_layers):
+        for name in ("c_kv", "k_rope"):
+            assert rel_err(spec_cache.layers[layer][name][:, :written], plain_cache.layers[layer][name][:, :written]) \
+                < 1e-5
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """The first two sampled tokens (the second is where drafting and rejection act) follow the main
+    model's own joint distribution P(t1) P(t2 | t1), computed exactly on a 6-token vocabulary."""
+    cfg = mtp_config(vocab_size=6)
+    model = random_dsv3ref(cfg, seed=46)
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        p1 = torch.softmax(model(torch.tensor([prompt]))[0, -1].double(), -1)
+        exact = torch.stack([p1[a] * torch.softmax(model(torch.tensor([prompt + [a]]))[0, -1].double(), -1)
+                             for a in range(6)])  # (t1, t2)
+        # what the MTP module alone would propose for t2: far from the target, so the test has teeth
+        h = model.hidden_states(torch.tensor([prompt + [0]]))
+        draft = torch.softmax(model.mtp_logits(1, model.mtp_hidden_states(1, h, torch.tensor([[2, 3, 0, 0]])))[0, -1],
+                              -1)
+    target_given_0 = exact[0] / exact[0].sum()
+    assert (draft.double() - target_given_0).abs().sum() > 0.3
+    n = 2000
+    counts = torch.zeros(6, 6, dtype=torch.float64)
+    for seed in range(n):
+        a, b = generate(model, [prompt], 2, temperature=1.0, seed=seed, eos_token_id=[], speculative=True).tokens[0]
+        counts[a, b] += 1
+    # L1 distance between the empirical and exact joint: sampling noise alone gives about 0.1 at n = 2000
+    assert (counts / n - exact).abs().sum() < 0.16
