@@ -16,6 +16,7 @@ implementation that uses the same names (Hugging Face transformers does):
 | `model.layers.{i}.mlp`                           | FFN output (dense or MoE)              |
 | `model.layers.{i}`                               | residual stream after the FFN          |
 | `model.norm`                                     | final norm output                      |
+| `model.layers.{L + k - 1}`                       | MTP module k's hidden state h^k        |
 | `lm_head`                                        | logits                                 |
 
 `trace_modules(model, run)` collects these with forward hooks on whatever model it is given and
@@ -102,8 +103,24 @@ def trace_modules(model: nn.Module, run: Callable[[], object]) -> Trace:
 
 
 def trace(model: nn.Module, input_ids: torch.Tensor, **forward_kwargs) -> Trace:
-    """The trace of one dsv3ref forward pass `model(input_ids, **forward_kwargs)`."""
-    return trace_modules(model, lambda: model(input_ids, **forward_kwargs))
+    """The trace of one dsv3ref forward pass `model(input_ids, **forward_kwargs)`.
+
+    For a model with MTP modules (and no cache), the MTP chain is traced too, as in training: module
+    k reads h^{k-1} at positions 0..T-1-k and the tokens t_k..t_{T-1}; its output h^k is the point
+    `model.layers.{num_hidden_layers + k - 1}` (with its inner points under the same prefix).
+    """
+    out = trace_modules(model, lambda: model(input_ids, **forward_kwargs))
+    depth = len(getattr(model, "mtp_layers", ()))
+    if depth and not forward_kwargs and input_ids.shape[1] > depth:
+        def run_mtp() -> None:
+            h, t = out["model.norm"], input_ids.shape[1]
+            for k in range(1, depth + 1):
+                h = model.mtp_hidden_states(k, h[:, : t - k], input_ids[:, k:])
+        n = model.config.num_hidden_layers
+        in_mtp = re.compile(rf"^model\.layers\.({'|'.join(str(n + k) for k in range(depth))})([.:]|$)")
+        # keep the MTP modules' points; the shared embedding's second use is not a new point
+        out.update({key: value for key, value in trace_modules(model, run_mtp).items() if in_mtp.match(key)})
+    return out
 
 
 def trace_hf(hf_model: nn.Module, input_ids: torch.Tensor) -> Trace:

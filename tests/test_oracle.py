@@ -159,3 +159,16 @@ def test_tracing_leaves_no_hooks_behind():
     model = random_dsv3ref(tiny_config())
     trace(model, torch.zeros(1, 3, dtype=torch.long))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_trace_includes_the_mtp_hidden_state():
+    cfg = tiny_config(num_nextn_predict_layers=2)
+    model = random_dsv3ref(cfg, seed=22)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    t = trace(model, ids)
+    with torch.no_grad():
+        h1 = model.mtp_hidden_states(1, model.hidden_states(ids)[:, :8], ids[:, 1:])
+        h2 = model.mtp_hidden_states(2, h1[:, :7], ids[:, 2:])
+    assert torch.equal(t["model.layers.3"], h1) and torch.equal(t["model.layers.4"], h2)
+    assert "model.layers.3.mlp.gate:ids" in t and "model.layers.4.self_attn" in t
+    assert not any("#" in key for key in t)  # every point traced once
