@@ -151,15 +151,41 @@ def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
     return copies
 
 
-def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl) -> DeepseekV3:
+GEMM_IMPLS = ("bf16", "fp8")
+_SCALE = "_scale_inv"  # "x.weight" + _SCALE = "x.weight_scale_inv"
+
+
+def _check_fp8_config(cfg: ModelConfig, path: Path) -> str | None:
+    """The FP8 layout config.json declares; returns the scale format (None or "ue8m0")."""
+    qc = cfg.quantization_config or {}
+    expected = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    for key, value in expected.items():
+        if qc.get(key) != value:
+            raise CheckpointError(f"{path / 'config.json'}: the checkpoint stores FP8 block scales, so "
+                                  f"quantization_config.{key} must be {value!r}; found {qc.get(key)!r}")
+    if qc.get("activation_scheme", "dynamic") != "dynamic":
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config.activation_scheme: found "
+                              f"{qc.get('activation_scheme')!r}, expected 'dynamic'")
+    return qc.get("scale_fmt", cfg.extra.get("scale_fmt"))
+
+
+def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl="bf16") -> DeepseekV3:
     """Build `cls(config)` on `device` in `dtype` and fill it from the checkpoint in `path`.
 
     MTP modules: config.json's num_nextn_predict_layers decides how many are read (from
     `model.layers.{num_hidden_layers + k}`); a checkpoint that stores none loads with MTP off
     (num_nextn_predict_layers = 0); their copies of the embedding and head must equal the main ones.
+
+    FP8 checkpoints (`quantization_config.quant_method: fp8`): every `*.weight` stored in E4M3 comes
+    with its `*.weight_scale_inv`. gemm_impl "bf16" dequantizes them on load (to `dtype`);
+    "fp8" keeps them in FP8 and runs those layers as `FP8Linear` (block-scaled FP8 GEMM).
     """
+    from dsv3ref.fp8 import FP8Linear, dequantize_weight
+
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype such as torch.float32, found {dtype!r}")
+    if gemm_impl not in GEMM_IMPLS:
+        raise ValueError(f"gemm_impl: found {gemm_impl!r}, expected one of {GEMM_IMPLS}")
     path = Path(path)
     files = tensor_files(path)
     cfg = ModelConfig.from_pretrained(path)
@@ -168,11 +194,29 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl) -> Deepsee
     notes = []
     if n_mtp and not layer_ids & set(range(n_main, n_main + n_mtp)):
         notes.append(f"config.json asks for {n_mtp} MTP module(s) but the checkpoint stores none: MTP is off")
-        cfg = cfg.replace(num_nextn_predict_layers=0)
         n_mtp = 0
+    fp8_weights = {name[: -len(_SCALE)] for name in files if name.endswith(".weight" + _SCALE)}
+    scale_fmt = _check_fp8_config(cfg, path) if fp8_weights else None
+    for name in sorted(fp8_weights):
+        if name not in files:
+            raise CheckpointError(f"{files[name + _SCALE]}: block scale {name + _SCALE} has no weight {name}")
+    if gemm_impl == "fp8" and not fp8_weights:
+        raise ValueError(f"gemm_impl='fp8': {path} stores no FP8 weights (no *.weight_scale_inv tensors)")
+    if gemm_impl == "fp8" and moe_impl != "loop":
+        raise ValueError("gemm_impl='fp8' runs the experts as separate FP8 layers: use moe_impl='loop'")
+    cfg = cfg.replace(num_nextn_predict_layers=n_mtp,
+                      quantization_config=cfg.quantization_config if gemm_impl == "fp8" else None)
+
     with torch.device("meta"):
         model = cls(cfg, attn_impl=attn_impl, moe_impl=moe_impl)
-    model = model.to(dtype=dtype).to_empty(device=device)
+        model = model.to(dtype=dtype)
+        if gemm_impl == "fp8":  # after the cast, which would turn FP8 buffers into `dtype`
+            for name in fp8_weights:
+                parent, _, child = name.removesuffix(".weight").rpartition(".")
+                owner = model.get_submodule(parent)
+                linear = getattr(owner, child)
+                setattr(owner, child, FP8Linear(linear.in_features, linear.out_features, scale_fmt))
+    model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     targets = model.state_dict()
@@ -183,7 +227,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl) -> Deepsee
     by_file: dict[Path, list[str]] = {}
     unused: list[str] = []
     for name, file in files.items():
-        if name in targets or name in copies:
+        if name in targets or name in copies or (gemm_impl == "bf16" and name.removesuffix(_SCALE) in fp8_weights):
             by_file.setdefault(file, []).append(name)
             continue
         m = _LAYER.match(name)
@@ -191,10 +235,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl) -> Deepsee
             raise CheckpointError(f"{file}: stores lm_head.weight although config.json sets "
                                   "tie_word_embeddings=true (the head is the embedding)")
         if m and int(m.group(1)) >= n_main + n_mtp:
-            unused.append(name)  # an MTP module beyond num_nextn_predict_layers
-        elif name.endswith(".weight_scale_inv"):
-            raise CheckpointError(f"{file}: tensor {name} is an FP8 block scale; this checkpoint stores "
-                                  "FP8 weights, which dsv3ref does not load yet (convert it to bf16 first)")
+            unused.append(name)  # an MTP module beyond num_nextn_predict_layers (or MTP switched off)
         else:
             raise CheckpointError(f"{file}: unexpected tensor {name} (not a DeepSeek-V3 parameter for this "
                                   f"config.json; {len(targets)} parameters expected)")
@@ -207,17 +248,29 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl) -> Deepsee
                 for name in names:
                     sl = f.get_slice(name)
                     shape, kind = tuple(sl.get_shape()), sl.get_dtype()
+                    if name.endswith(_SCALE):
+                        continue  # read with its weight
                     want = tuple(targets[copies.get(name, name)].shape)
                     if shape != want:
                         raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {want} "
                                               f"from config.json")
-                    if kind not in _FLOAT_DTYPES:
+                    allowed = _FLOAT_DTYPES | ({"F8_E4M3"} if name in fp8_weights else set())
+                    if kind not in allowed:
+                        hint = " (an FP8 weight needs its weight_scale_inv)" if kind.startswith("F8") else ""
                         raise CheckpointError(f"{file}: tensor {name} has dtype {kind}, expected one of "
-                                              f"{sorted(_FLOAT_DTYPES)}")
+                                              f"{sorted(allowed)}{hint}")
+                    value = f.get_tensor(name)
+                    if name in fp8_weights:
+                        scale = _read_scale(files, name, shape)
+                        if gemm_impl == "fp8":
+                            targets[name + _SCALE].copy_(scale)
+                            loaded.add(name + _SCALE)
+                        else:
+                            value = dequantize_weight(value, scale, dtype=dtype)
                     if name in copies:
-                        copy_values[name] = (file, f.get_tensor(name))
+                        copy_values[name] = (file, value)
                     else:
-                        targets[name].copy_(f.get_tensor(name))
+                        targets[name].copy_(value)
                         loaded.add(name)
         missing = sorted(set(targets) - loaded)
         if missing:
@@ -230,4 +283,20 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl) -> Deepsee
                                       "model's embedding and head with the MTP modules, as the report does")
     model.unused_tensors = sorted(unused)
     model.load_notes = notes
+    model.gemm_impl = gemm_impl
     return model.eval()
+
+
+def _read_scale(files: dict[str, Path], weight: str, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """The weight_scale_inv of an FP8 weight, checked: float32-compatible, block-shaped, finite, positive."""
+    name = weight + _SCALE
+    file = files[name]
+    with safe_open(file, framework="pt", device="cpu") as f:
+        scale = f.get_tensor(name)
+    expected = tuple(-(-d // 128) for d in weight_shape)
+    if tuple(scale.shape) != expected:
+        raise CheckpointError(f"{file}: tensor {name} has shape {tuple(scale.shape)}, expected {expected} "
+                              f"(one scale per 128 x 128 block of {weight}, shape {weight_shape})")
+    if not scale.is_floating_point() or not torch.isfinite(scale).all() or not (scale > 0).all():
+        raise CheckpointError(f"{file}: tensor {name} must hold finite positive float scales")
+    return scale.float()

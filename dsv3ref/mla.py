@@ -41,6 +41,7 @@ from einops import einsum, rearrange, repeat
 from torch import nn
 
 from dsv3ref.config import ModelConfig
+from dsv3ref.fp8 import linear_weight
 from dsv3ref.norm import RMSNorm
 from dsv3ref.rope import apply_rope, softmax_scale
 
@@ -191,7 +192,7 @@ class MLA(nn.Module):
         q_nope (b, t, h, dn), q_rope (b, t, h, dr), c_kv (b, s, r), k_rope (b, s, dr), mask (b, t, s)
         -> (b, t, h * dv). Costs O(s * h * (r + dr)) per query instead of expanding s keys and values.
         """
-        w = rearrange(self.kv_b_proj.weight, "(h d) r -> h d r", h=self.n_heads)
+        w = rearrange(linear_weight(self.kv_b_proj, q_nope.dtype), "(h d) r -> h d r", h=self.n_heads)
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]  # (h, dn, r), (h, dv, r)
         q_latent = einsum(q_nope, w_uk, "b t h d, h d r -> b t h r")  # the query, moved into latent space
         scores = einsum(q_latent, c_kv, "b t h r, b s r -> b h t s") + einsum(

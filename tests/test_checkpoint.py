@@ -107,7 +107,7 @@ def test_unexpected_and_fp8_tensors_are_named(saved):
         DeepseekV3.from_pretrained(path)
     _rewrite(path, lambda t: (t.pop("model.layers.0.self_attn.rotary.inv_freq"),
                               t.update({"model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(1, 1)})))
-    with pytest.raises(CheckpointError, match="weight_scale_inv is an FP8 block scale"):
+    with pytest.raises(CheckpointError, match="stores FP8 block scales, so quantization_config.quant_method must be"):
         DeepseekV3.from_pretrained(path)
 
 

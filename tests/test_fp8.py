@@ -1,0 +1,214 @@
+"""FP8: block quantization against per-block computations written here, the emulated GEMM against a
+float64 evaluation of the same formula, the accumulation experiment, FP8 checkpoints and conversion."""
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+from helpers import rel_err, tiny_config
+from safetensors.torch import load_file, save_file
+
+import dsv3ref
+from dsv3ref import CheckpointError, DeepseekV3, trace
+from dsv3ref.convert import convert
+from dsv3ref.convert import main as convert_main
+from dsv3ref.fp8 import (
+    E4M3,
+    FP8Linear,
+    dequantize_weight,
+    fp8_matmul,
+    limited_precision_dot,
+    quantize_activation,
+    quantize_weight,
+)
+
+SHAPES = [(256, 384), (300, 200), (130, 129), (5, 7)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_dequantize_matches_per_block_loop(shape):
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(shape, generator=g) * 50).clamp(-448, 448).to(E4M3)
+    scale = torch.rand(math.ceil(shape[0] / 128), math.ceil(shape[1] / 128), generator=g) + 0.01
+    expected = torch.empty(shape)
+    for bo in range(scale.shape[0]):
+        for bi in range(scale.shape[1]):
+            rows, cols = slice(bo * 128, (bo + 1) * 128), slice(bi * 128, (bi + 1) * 128)
+            expected[rows, cols] = q[rows, cols].float() * scale[bo, bi]
+    assert torch.equal(dequantize_weight(q, scale), expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_weight_round_trip_within_half_an_e4m3_ulp(shape, scale_fmt):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 1, shape[1])
+    q, scale = quantize_weight(w, scale_fmt=scale_fmt)
+    assert q.dtype == E4M3 and scale.shape == (math.ceil(shape[0] / 128), math.ceil(shape[1] / 128))
+    err = (dequantize_weight(q, scale) - w).abs()
+    block_scale = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[: shape[0], : shape[1]]
+    # E4M3 keeps 3 mantissa bits: half an ulp is 2^-4 relative for normals, 2^-10 * scale for subnormals
+    bound = torch.maximum(w.abs() * 2**-4, block_scale * 2**-10) * (1 + 1e-6)
+    assert (err <= bound).all()
+    if scale_fmt == "ue8m0":
+        assert torch.equal(torch.exp2(torch.log2(scale).round()), scale)  # exact powers of two
+    blocks_amax = torch.nn.functional.pad(w.abs(), (0, -shape[1] % 128, 0, -shape[0] % 128)).reshape(
+        scale.shape[0], 128, scale.shape[1], 128).amax(dim=(1, 3))
+    assert (blocks_amax / scale <= 448 * (1 + 1e-6)).all()  # never overflows E4M3 (up to float32 rounding)
+
+
+def test_activation_tiles_and_scale_formats():
+    x = torch.randn(3, 5, 300) * 4
+    x[0, 0, :] = 0  # an all-zero token: the amax floor keeps the scale finite
+    q, scale = quantize_activation(x)
+    assert q.shape == x.shape and scale.shape == (3, 5, 3)
+    tiles = torch.nn.functional.pad(x, (0, 84)).reshape(3, 5, 3, 128)
+    assert torch.allclose(scale, tiles.abs().amax(-1).clamp(min=1e-4) / 448, rtol=1e-6, atol=0)
+    assert torch.isfinite(q.float()).all() and (q.float()[0, 0] == 0).all()
+    _, s8 = quantize_activation(x, scale_fmt="ue8m0")
+    assert torch.equal(torch.exp2(torch.log2(s8).round()), s8) and (s8 >= scale).all() and (s8 < 2 * scale).all()
+
+
+@pytest.mark.parametrize("m,k,n", [(4, 256, 128), (7, 300, 130), (1, 128, 5)])
+def test_fp8_gemm_equals_float64_block_formula_and_is_close_to_the_real_product(m, k, n):
+    g = torch.Generator().manual_seed(m * k)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.05
+    xq, xs = quantize_activation(x)
+    wq, ws = quantize_weight(w)
+    y = fp8_matmul(xq, xs, wq, ws)
+    expected = torch.zeros(m, n, dtype=torch.float64)
+    for i in range(m):
+        for j in range(n):
+            for b in range(math.ceil(k / 128)):
+                cols = slice(b * 128, (b + 1) * 128)
+                expected[i, j] += (xq[i, cols].double() @ wq[j, cols].double()) * xs[i, b].double() * ws[j // 128, b]
+    assert rel_err(y, expected) < 1e-6  # float32 accumulation of exact block sums
+    exact = x.double() @ w.double().T
+    bound = 2**-3 * (x.double().abs() @ w.double().abs().T)  # each operand within 2^-4 relative
+    assert ((y.double() - exact).abs() <= bound).all()
+
+
+def test_limited_accumulation_reproduces_the_reports_finding():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 4096, generator=g).to(E4M3).float()
+    b = torch.randn(64, 4096, generator=g).to(E4M3).float()
+    exact = (a.double() * b.double()).sum(-1)
+
+    def err(bits, promote=None):
+        got = limited_precision_dot(a, b, bits, promote)
+        return ((got - exact).norm() / exact.norm()).item()
+
+    assert 5e-3 < err(14) < 5e-2  # "~14 bits ... nearly 2%" at K = 4096
+    assert err(14, promote=128) < 1e-3  # promoting every N_C = 128 elements to float32 fixes it
+    assert err(23) < 1e-5  # a float32-like accumulator
+
+
+@pytest.fixture
+def fp8_checkpoint(tmp_path):
+    cfg = tiny_config(hidden_size=160, intermediate_size=200)  # sizes that are not multiples of 128
+    torch.manual_seed(50)
+    model = DeepseekV3(cfg).eval()  # the paper's initialization: errors are not amplified by huge weights
+    dsv3ref.save_pretrained(model, tmp_path / "f32", max_shard_bytes=60_000)
+    convert(tmp_path / "f32", tmp_path / "fp8", "bf16-to-fp8", progress=None)
+    return cfg, model, tmp_path
+
+
+def test_converted_checkpoint_loads_in_fp8_and_dequantize_modes(fp8_checkpoint):
+    cfg, model, tmp = fp8_checkpoint
+    config = json.loads((tmp / "fp8" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    index = json.loads((tmp / "fp8" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"]
+    assert "model.layers.1.mlp.gate.weight_scale_inv" not in index and "lm_head.weight_scale_inv" not in index
+    ids = torch.randint(0, cfg.vocab_size, (2, 11))
+    fp8 = DeepseekV3.from_pretrained(tmp / "fp8", gemm_impl="fp8", attn_impl="absorb")
+    assert isinstance(fp8.model.layers[0].self_attn.kv_b_proj, FP8Linear)
+    assert fp8.model.layers[0].self_attn.kv_b_proj.weight.dtype == E4M3
+    deq = DeepseekV3.from_pretrained(tmp / "fp8")  # gemm_impl="bf16": dequantize on load
+    reference, a, b = trace(model, ids), trace(fp8, ids), trace(deq, ids)
+    # One attention block: E4M3 rounds each weight (and, in FP8 mode, each activation) by at most
+    # 2^-4 relative, so its output moves by well under 2^-3 (weights only) and 2^-2 (both).
+    point = "model.layers.0.self_attn"
+    assert 1e-3 < rel_err(b[point], reference[point]) < 2**-3
+    assert 1e-3 < rel_err(a[point], reference[point]) < 2**-2
+    # Through the network (routing flips included) the logits stay within tens of percent on this tiny model.
+    assert rel_err(b["lm_head"], reference["lm_head"]) < 0.25
+    assert rel_err(a["lm_head"], reference["lm_head"]) < 0.35
+
+
+def test_bf16_round_trip_equals_dequantize_mode(fp8_checkpoint):
+    cfg, _, tmp = fp8_checkpoint
+    convert(tmp / "fp8", tmp / "bf16", "fp8-to-bf16", progress=None)
+    assert "quantization_config" not in json.loads((tmp / "bf16" / "config.json").read_text())
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    from_bf16 = DeepseekV3.from_pretrained(tmp / "bf16", dtype=torch.bfloat16)
+    dequantized = DeepseekV3.from_pretrained(tmp / "fp8", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(from_bf16(ids), dequantized(ids))
+
+
+def test_fp8_model_saves_and_reloads_bit_for_bit(fp8_checkpoint, tmp_path):
+    cfg, _, tmp = fp8_checkpoint
+    fp8 = DeepseekV3.from_pretrained(tmp / "fp8", gemm_impl="fp8")
+    dsv3ref.save_pretrained(fp8, tmp_path / "again")
+    again = DeepseekV3.from_pretrained(tmp_path / "again", gemm_impl="fp8")
+    ids = torch.randint(0, cfg.vocab_size, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(again(ids), fp8(ids))
+
+
+def test_conversion_leaves_source_untouched_and_no_temporary_files(fp8_checkpoint, capsys):
+    _, _, tmp = fp8_checkpoint
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp / "fp8").iterdir()}
+    assert convert_main(["fp8-to-bf16", str(tmp / "fp8"), str(tmp / "out")]) == 0
+    assert digest == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp / "fp8").iterdir()}
+    assert not [p for p in (tmp / "out").iterdir() if p.name.startswith(".")]
+    assert "/" in capsys.readouterr().err  # the progress bar counts shards
+    assert convert_main(["fp8-to-bf16", str(tmp / "fp8"), str(tmp / "out")]) == 2  # refuses to overwrite
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert convert_main(["bf16-to-fp8", str(tmp / "fp8"), str(tmp / "x")]) == 2
+    assert "already FP8" in capsys.readouterr().err
+
+
+def _rewrite(folder, change):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    for shard in set(index.values()):
+        tensors = load_file(folder / shard)
+        change(tensors)
+        save_file(tensors, folder / shard, metadata={"format": "pt"})
+
+
+def test_bad_fp8_scales_are_named(fp8_checkpoint):
+    _, _, tmp = fp8_checkpoint
+    name = "model.layers.0.self_attn.o_proj.weight_scale_inv"
+
+    def edit(f):
+        def change(tensors):
+            if name in tensors:
+                f(tensors)
+        _rewrite(tmp / "fp8", change)
+
+    edit(lambda t: t.update({name: torch.full_like(t[name], float("nan"))}))
+    with pytest.raises(CheckpointError, match=f"{name} must hold finite positive"):
+        DeepseekV3.from_pretrained(tmp / "fp8")
+    edit(lambda t: t.update({name: torch.ones(3, 3)}))
+    with pytest.raises(CheckpointError, match=rf"{name} has shape \(3, 3\), expected \(2, 1\)"):
+        DeepseekV3.from_pretrained(tmp / "fp8")
+    index_path = tmp / "fp8" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"][name]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model.layers.0.self_attn.o_proj.weight has dtype F8_E4M3.*needs its "
+                                              "weight_scale_inv"):
+        DeepseekV3.from_pretrained(tmp / "fp8")
+
+
+def test_fp8_mode_needs_fp8_weights_and_the_loop_experts(fp8_checkpoint):
+    _, _, tmp = fp8_checkpoint
+    with pytest.raises(ValueError, match="stores no FP8 weights"):
+        DeepseekV3.from_pretrained(tmp / "f32", gemm_impl="fp8")
+    with pytest.raises(ValueError, match="use moe_impl='loop'"):
+        DeepseekV3.from_pretrained(tmp / "fp8", gemm_impl="fp8", moe_impl="grouped")
+    with pytest.raises(ValueError, match="gemm_impl: found 'int4'"):
+        DeepseekV3.from_pretrained(tmp / "fp8", gemm_impl="int4")
