@@ -775,7 +775,8 @@ patterns are NaN). Between powers of two there are 8 values, so rounding moves a
 1/16 of itself."""),
     ("code", """grid = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
 positive = grid[(grid > 0) & grid.isfinite()].unique()
-print(f"{len(positive)} positive values, from {positive.min().item():.6f} (2^-9, subnormal) to {positive.max().item():.0f}")
+print(f"{len(positive)} positive values, from {positive.min().item():.6f} (2^-9, subnormal) "
+      f"to {positive.max().item():.0f}")
 print("smallest normal:", 2.0 ** -6, "  the values in [1, 2):", positive[(positive >= 1) & (positive < 2)].tolist())
 fig, ax = plt.subplots(figsize=(9, 2.2))
 ax.plot(positive, torch.zeros_like(positive), "|", markersize=15)
