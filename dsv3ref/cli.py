@@ -1,0 +1,214 @@
+"""The command line: `python -m dsv3ref demo | generate | chat | compare`.
+
+Without --ckpt-path, `generate` and `chat` run on an embedded default: the tiny preset with the real
+DeepSeek-V3 tokenizer's vocabulary, built on the spot with random weights. It is untrained, so its
+text is noise; it is there to show the whole pipeline (template, tokenizer, MLA cache, MoE,
+sampling, streaming) working in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dsv3ref import DeepseekV3, ModelConfig, count_parameters, generate, save_pretrained
+from dsv3ref.tokenizer import StreamDecoder, Tokenizer
+
+UNTRAINED = "embedded tiny model, random weights, UNTRAINED (its text is noise), with the DeepSeek-V3 tokenizer"
+
+
+class CliError(Exception):
+    """A problem with the user's input: printed as `error: ...`, exit status 2."""
+
+
+def load_for_text(ckpt_path: str | None, seed: int = 0) -> tuple[DeepseekV3, Tokenizer, str]:
+    """The model and tokenizer of a checkpoint folder, or the embedded default."""
+    if ckpt_path is None:
+        tokenizer = Tokenizer.from_pretrained()
+        cfg = ModelConfig.preset("tiny").replace(vocab_size=ModelConfig.preset("deepseek-v3").vocab_size)
+        torch.manual_seed(seed)
+        model = DeepseekV3(cfg, attn_impl="absorb", moe_impl="grouped").eval()
+        return model, tokenizer, UNTRAINED
+    path = Path(ckpt_path)
+    if not path.is_dir():
+        raise CliError(f"--ckpt-path {path}: no such checkpoint folder")
+    try:
+        tokenizer = Tokenizer.from_pretrained(path)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
+    model = DeepseekV3.from_pretrained(path, attn_impl="absorb", moe_impl="grouped")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CliError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                       f"{model.config.vocab_size}")
+    return model, tokenizer, f"checkpoint {path}"
+
+
+def _prompt_ids(tokenizer: Tokenizer, messages: list[dict], raw: bool) -> list[int]:
+    if raw:
+        return tokenizer.encode(messages[-1]["content"])
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def _reply(model, tokenizer, ids, args, out) -> list[int]:
+    """Generate after ids, streaming text to `out`; return the new tokens."""
+    limit = model.config.max_position_embeddings
+    if len(ids) + args.max_new_tokens > limit:
+        raise CliError(f"the prompt is {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} that exceeds "
+                       f"the model's max_position_embeddings={limit}")
+    decoder = StreamDecoder(tokenizer, skip_special_tokens=True)
+
+    def stream(tokens):
+        piece = decoder.push(tokens[0])
+        if piece:
+            out.write(piece)
+            out.flush()
+
+    result = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      top_k=args.top_k, eos_token_id=tokenizer.eos_token_id, seed=args.seed, stream=stream)
+    out.write("\n")
+    return result.tokens[0]
+
+
+def generate_cmd(args: argparse.Namespace) -> int:
+    model, tokenizer, label = load_for_text(args.ckpt_path, args.seed)
+    print(f"[{label}]", file=sys.stderr)
+    ids = _prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}], args.raw)
+    _reply(model, tokenizer, ids, args, sys.stdout)
+    return 0
+
+
+def chat_cmd(args: argparse.Namespace) -> int:
+    model, tokenizer, label = load_for_text(args.ckpt_path, args.seed)
+    interactive = sys.stdin.isatty()
+    print(f"[{label}]\n[type a message; /reset clears the history, /exit or end of input quits]", file=sys.stderr)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        if interactive:
+            print("> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return 0
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            print("[history cleared]", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            reply = _reply(model, tokenizer, _prompt_ids(tokenizer, messages, raw=False), args, sys.stdout)
+        except CliError as e:
+            messages.pop()
+            print(f"error: {e} (use /reset to start over)", file=sys.stderr)
+            continue
+        messages.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True)})
+
+
+def demo(args: argparse.Namespace) -> int:
+    """Build the embedded tiny model, run it, save and reload it, generate text; report DeepSeek-V3's size."""
+    full = count_parameters(ModelConfig.preset("deepseek-v3"))
+    print(f"DeepSeek-V3 (published config): {full.total / 1e9:.1f}B parameters, "
+          f"{full.activated / 1e9:.1f}B activated per token, MTP module {full.mtp / 1e9:.1f}B")
+    cfg = ModelConfig.preset("tiny")
+    torch.manual_seed(args.seed)
+    model = DeepseekV3(cfg).eval()
+    tiny = count_parameters(cfg)
+    print(f"tiny preset (random weights, untrained): {tiny.total:,} parameters + {tiny.mtp:,} in its MTP module, "
+          f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} routed experts")
+    ids = torch.randint(0, cfg.vocab_size, (2, 16))
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = model(ids)
+    print(f"forward of {tuple(ids.shape)} token ids -> logits {tuple(logits.shape)} "
+          f"in {1e3 * (time.perf_counter() - start):.1f} ms")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        again = DeepseekV3.from_pretrained(tmp)
+        with torch.no_grad():
+            same = torch.equal(again(ids), logits)
+    print(f"save_pretrained -> from_pretrained reproduces the logits bit for bit: {same}")
+    text_model, tokenizer, label = load_for_text(None, args.seed)
+    prompt = "Hello, how are you?"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True)
+    print(f"chat prompt {prompt!r} -> {len(ids)} tokens: {tokenizer.decode(ids)!r}")
+    print(f"[{label}] reply: ", end="")
+    _reply(text_model, tokenizer, ids, argparse.Namespace(max_new_tokens=12, temperature=0.0, top_p=1.0, top_k=0,
+                                                          seed=args.seed), sys.stdout)
+    return 0 if same else 1
+
+
+def compare_cmd(args: argparse.Namespace) -> int:
+    """Trace dsv3ref's readable path and another implementation on the same checkpoint; print where
+    they diverge."""
+    from dsv3ref.oracle import compare, trace, trace_hf
+
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    reference = DeepseekV3.from_pretrained(args.ckpt, dtype=dtype)
+    cfg = reference.config
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), generator=generator)
+    if args.against == "hf":
+        from transformers import DeepseekV3ForCausalLM
+
+        other = DeepseekV3ForCausalLM.from_pretrained(args.ckpt, dtype=dtype, attn_implementation="eager").eval()
+        other_trace = trace_hf(other, ids)
+    else:
+        other = DeepseekV3.from_pretrained(args.ckpt, dtype=dtype, attn_impl="absorb", moe_impl="grouped")
+        other_trace = trace(other, ids)
+    result = compare(trace(reference, ids), other_trace, rtol=args.rtol, atol=args.atol)
+    print(f"reference: dsv3ref (naive, loop, {args.dtype}); other: {args.against}; input {tuple(ids.shape)}, "
+          f"seed {args.seed}; tolerance atol {args.atol} + rtol {args.rtol} * max|ref|")
+    print(result)
+    return 0 if result.ok else 1
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt-path", default=None, help="checkpoint folder with tokenizer files (default: the "
+                                                     "embedded untrained tiny model)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dsv3ref", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="run the embedded tiny model end to end")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=demo)
+    p = sub.add_parser("generate", help="generate a reply to one prompt, streaming it")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    _sampling_args(p)
+    p.set_defaults(func=generate_cmd)
+    p = sub.add_parser("chat", help="interactive chat with history (reads stdin)")
+    p.add_argument("--system", default=None, help="a system prompt")
+    _sampling_args(p)
+    p.set_defaults(func=chat_cmd)
+    p = sub.add_parser("compare", help="trace dsv3ref and another implementation on a checkpoint, find the first "
+                                       "divergence")
+    p.add_argument("ckpt", help="checkpoint folder (config.json + safetensors)")
+    p.add_argument("--against", choices=["hf", "fast"], default="hf",
+                   help="hf: transformers' DeepseekV3ForCausalLM; fast: dsv3ref's absorb + grouped path")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--seq-len", type=int, default=16)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rtol", type=float, default=1e-5)
+    p.add_argument("--atol", type=float, default=0.0)
+    p.set_defaults(func=compare_cmd)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
