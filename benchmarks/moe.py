@@ -1,6 +1,6 @@
 """One MoE layer: dsv3ref's per-expert loop and grouped GEMM against HF transformers' experts.
 
-    python benchmarks/moe.py                         # the "small" preset's MoE layer and a wider one
+    python benchmarks/moe.py        # the "small" preset's MoE layer, a wider one, one with 256 experts
     python benchmarks/moe.py --tokens 4096 --set n_routed_experts=64
 
 All contenders load the same random checkpoint (one MoE layer). HF runs DeepseekV3MoE with its
@@ -20,6 +20,8 @@ from dsv3ref import DeepseekV3
 
 WIDE = ["hidden_size=2048", "n_routed_experts=64", "num_experts_per_tok=8", "moe_intermediate_size=1024",
         "n_group=8", "topk_group=4"]
+# DeepSeek-V3's routing shape (256 experts, 8 chosen within 4 of 8 groups) on a small hidden size.
+MANY = ["n_routed_experts=256", "num_experts_per_tok=8", "n_group=8", "topk_group=4", "moe_intermediate_size=256"]
 
 
 def layers(cfg, folder):
@@ -70,6 +72,7 @@ def main() -> None:
     bench(args, given, f"preset {args.preset!r} {' '.join(given)}")
     if not given:
         bench(args, WIDE, "wider: " + " ".join(WIDE))
+        bench(args, MANY, "V3-shaped routing: " + " ".join(MANY))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ rows, and every expert's matrix product runs in a single grouped GEMM over those
 (`torch.nn.functional.grouped_mm`, with `offs` marking where each block ends). The results are
 multiplied by the gate values and summed back per token.
 
-Long batches are cut into blocks of `block_rows` sorted assignments, one grouped GEMM per block.
+Long batches are cut into runs of whole experts holding about `block_rows` assignments, one
+grouped GEMM per run over just those experts.
 The weights live stacked, created once: `gate_up_proj` (experts, 2 * inter, dim) holds each
 expert's gate_proj and up_proj rows, `down_proj` (experts, dim, inter). Their state_dict still uses
 the checkpoint's names (`{e}.gate_proj.weight`, ...), as views into the stacked tensors, so loading
@@ -55,8 +56,8 @@ class StackedExperts(nn.Module):
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.n_experts, self.inter_dim = n_experts, inter_dim
-        # Assignments are processed in blocks of this many rows, so that the intermediates of a long
-        # prefill stay small (on a CPU, cache-sized: 2048 measured fastest in benchmarks/moe.py).
+        # Assignments are processed in runs of whole experts of about this many rows, so that the
+        # intermediates of a long prefill stay small (on a CPU, cache-sized: measured in benchmarks/moe.py).
         self.block_rows = 2048
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
@@ -68,21 +69,32 @@ class StackedExperts(nn.Module):
         n, k = ids.shape
         flat = ids.reshape(-1)  # (n*k,) the expert of each assignment
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        sorted_ids = flat[order]
+        counts = torch.bincount(flat, minlength=self.n_experts)  # (experts,) rows per expert
         gate_values = weights.reshape(-1)[order, None].to(tokens.dtype)  # (n*k, 1)
         unsorted = tokens.new_empty(n * k, tokens.shape[1])  # each assignment's output, in (token, slot) order
-        for start in range(0, n * k, self.block_rows):
-            rows = slice(start, start + self.block_rows)
-            counts = torch.bincount(sorted_ids[rows], minlength=self.n_experts)  # (experts,) rows per expert
-            x = tokens[order[rows] // k]  # (rows, dim): the token of each assignment, expert 0's first
-            gate, up = grouped_linear(x, self.gate_up_proj, counts).split(self.inter_dim, dim=-1)
+        for e0, e1, r0, r1 in self._blocks(counts.tolist()):
+            rows = order[r0:r1]
+            x = tokens[rows // k]  # (rows, dim): the token of each assignment, expert e0's first
+            block_counts = counts[e0:e1]
+            gate, up = grouped_linear(x, self.gate_up_proj[e0:e1], block_counts).split(self.inter_dim, dim=-1)
             # The gate value scales the expert's output; applied before down_proj (linear), it touches
             # inter_dim numbers per row instead of dim.
-            h = F.silu(gate) * up * gate_values[rows]  # (rows, inter)
-            unsorted[order[rows]] = grouped_linear(h, self.down_proj, counts)  # (rows, dim)
+            h = F.silu(gate) * up * gate_values[r0:r1]  # (rows, inter)
+            unsorted[rows] = grouped_linear(h, self.down_proj[e0:e1], block_counts)  # (rows, dim)
         # Each token's k contributions are added in a fixed order, so the result is deterministic on
         # every device (unlike an atomic scatter-add on a GPU).
         return reduce(unsorted, "(n k) d -> n d", "sum", k=k)
+
+    def _blocks(self, counts: list[int]):
+        """Cut the experts into consecutive runs holding at least block_rows assignments each (an
+        expert is never split); yields (first expert, end expert, first row, end row)."""
+        e0 = r0 = rows = 0
+        for e, c in enumerate(counts):
+            rows += c
+            if rows - r0 >= self.block_rows or e == len(counts) - 1:
+                if rows > r0:
+                    yield e0, e + 1, r0, rows
+                e0, r0 = e + 1, rows
 
 def _split_state_dict(module: StackedExperts, state_dict: dict, prefix: str, local_metadata) -> None:
     """Replace the stacked tensors by per-expert views named as in the checkpoint."""

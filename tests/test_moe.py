@@ -181,5 +181,5 @@ def test_sequence_balance_loss_averages_sequences():
 def test_grouped_matches_loop_when_split_into_many_blocks():
     cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
     loop, grouped = moe_pair(cfg)
-    grouped.experts.block_rows = 7  # 3 * 13 tokens * 4 experts = 156 assignments: 23 blocks, experts split
+    grouped.experts.block_rows = 7  # 3 * 13 tokens * 4 experts = 156 assignments: many runs of whole experts
     check_forward_and_backward(loop, grouped, torch.randn(3, 13, cfg.hidden_size), 1e-5)
