@@ -41,11 +41,11 @@ def run_hf(model, ids: torch.Tensor, steps: int) -> tuple[float, float]:
     out = model(ids, use_cache=True, logits_to_keep=1)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     prefill = time.perf_counter() - start
-    past = out.past_key_values
+    past = out.cache
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(token, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(token, cache=past, use_cache=True)
+        past = out.cache
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     return prefill, (time.perf_counter() - start) / steps
 

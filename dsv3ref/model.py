@@ -44,7 +44,8 @@ class DeepseekV3(nn.Module):
     checkpoint. Parameter names equal the checkpoint's tensor names.
 
     attn_impl: "naive" (expand per-head K/V from the latent) or "absorb" (attend in latent space).
-    moe_impl: "loop" (one expert at a time).
+    moe_impl: "loop" (one expert at a time) or "grouped" (stacked experts, grouped GEMM).
+    The num_nextn_predict_layers MTP modules follow the decoder layers (see dsv3ref.mtp).
     """
 
     def __init__(self, cfg: ModelConfig, attn_impl: str = "naive", moe_impl: str = "loop"):

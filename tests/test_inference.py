@@ -94,10 +94,10 @@ def test_cached_logits_match_hf_with_its_cache(attn_impl, tmp_path):
         out = hf(ids[:, :12], use_cache=True)
         cache = ours.new_cache(2, 20)
         assert rel_err(ours(ids[:, :12], cache, 0), out.logits) < 1e-5
-        past = out.past_key_values
+        past = out.cache
         for p in range(12, 20):
-            out = hf(ids[:, p:p + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = hf(ids[:, p:p + 1], cache=past, use_cache=True)
+            past = out.cache
             assert rel_err(ours(ids[:, p:p + 1], cache, p), out.logits) < 1e-5
 
 
