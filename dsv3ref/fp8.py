@@ -124,9 +124,16 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=E4M3))
         self.register_buffer("weight_scale_inv", torch.ones(math.ceil(out_features / BLOCK),
                                                            math.ceil(in_features / BLOCK)))
+        self._dense: tuple[tuple, torch.Tensor] | None = None  # the last dequantized weight, with its key
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_weight(self.weight, self.weight_scale_inv, dtype=dtype)
+        """The weight in `dtype`, dequantized once and reused until the weight or scales change
+        (absorbed MLA needs kv_b_proj dense at every step)."""
+        key = (dtype, self.weight.device, self.weight._version, self.weight_scale_inv._version,
+               self.weight.data_ptr(), self.weight_scale_inv.data_ptr())
+        if self._dense is None or self._dense[0] != key:
+            self._dense = (key, dequantize_weight(self.weight, self.weight_scale_inv, dtype=dtype))
+        return self._dense[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""

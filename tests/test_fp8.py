@@ -212,3 +212,17 @@ def test_fp8_mode_needs_fp8_weights_and_the_loop_experts(fp8_checkpoint):
         DeepseekV3.from_pretrained(tmp / "fp8", gemm_impl="fp8", moe_impl="grouped")
     with pytest.raises(ValueError, match="gemm_impl: found 'int4'"):
         DeepseekV3.from_pretrained(tmp / "fp8", gemm_impl="int4")
+
+
+def test_fp8_linear_dequantizes_once_and_notices_new_weights():
+    layer = FP8Linear(200, 130)
+    q, s = quantize_weight(torch.randn(130, 200))
+    with torch.no_grad():
+        layer.weight.copy_(q)
+        layer.weight_scale_inv.copy_(s)
+    first = layer.dequantized_weight()
+    assert layer.dequantized_weight() is first  # reused, not recomputed at every step
+    assert torch.equal(first, dequantize_weight(q, s))
+    with torch.no_grad():
+        layer.weight_scale_inv.mul_(2)
+    assert torch.equal(layer.dequantized_weight(), 2 * first)
