@@ -232,7 +232,7 @@ contexts = [128, 512, 1024, 2048]
 
 
 def decode_ms(model, order, context, steps=4):
-    """The fastest of a few decode steps (the minimum is robust to a busy machine)."""
+    # the fastest of a few decode steps: the minimum is robust to a busy machine
     for layer in model.model.layers:
         layer.self_attn.order = order
     cache = model.new_cache(1, context + 1)
