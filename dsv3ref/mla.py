@@ -181,10 +181,15 @@ class MLA(nn.Module):
     def attend_fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`attend_naive` through torch's fused scaled_dot_product_attention (same shapes, same result
         up to float rounding; it never materializes the float32 score matrix twice)."""
+        dv = v.shape[-1]
+        # torch's fused kernels want values as wide as the keys; zero columns add zero columns to the
+        # output, which are cut off again.
+        if dv < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - dv))
         out = F.scaled_dot_product_attention(
             rearrange(q, "b t h d -> b h t d"), rearrange(k, "b s h d -> b h s d"), rearrange(v, "b s h d -> b h s d"),
             attn_mask=rearrange(mask, "b t s -> b 1 t s"), scale=self.softmax_scale)
-        return rearrange(out, "b h t d -> b t (h d)")
+        return rearrange(out[..., :dv], "b h t d -> b t (h d)")
 
     def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:
         """The same attention computed against the latent, with W^UK and W^UV absorbed.

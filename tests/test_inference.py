@@ -24,7 +24,7 @@ def pair(cfg, seed=0, dtype=torch.float32, order="absorbed"):
 
 
 @pytest.mark.parametrize("order", ["absorbed", "auto"])
-@pytest.mark.parametrize("changes", [dict(), dict(q_lora_rank=None, rope_scaling=None)])
+@pytest.mark.parametrize("changes", [dict(), dict(q_lora_rank=None, rope_scaling=None), dict(v_head_dim=28)])
 def test_absorbed_matches_naive_on_prefill_and_every_decode_step(changes, order):
     cfg = tiny_config(**changes)
     naive, absorb = pair(cfg, order=order)
