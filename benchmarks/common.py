@@ -34,22 +34,27 @@ def write_random_checkpoint(cfg: dsv3ref.ModelConfig, folder: str, seed: int = 0
     dsv3ref.save_pretrained(dsv3ref.DeepseekV3(cfg), folder)
 
 
-def machine() -> str:
+def machine(device: str | torch.device = "cpu") -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads)")
+    text = f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if torch.device(device).type == "cuda":
+        text += f"; GPU {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+    return text
 
 
-def best_of(fn, repeats: int = 3) -> float:
-    """Smallest wall time of `repeats` calls of fn(), in seconds."""
+def best_of(fn, repeats: int = 3, device: str | torch.device = "cpu") -> float:
+    """Smallest wall time of `repeats` calls of fn(), in seconds (GPU work waited for)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best

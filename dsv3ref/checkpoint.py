@@ -169,7 +169,8 @@ def _check_fp8_config(cfg: ModelConfig, path: Path) -> str | None:
     return qc.get("scale_fmt", cfg.extra.get("scale_fmt"))
 
 
-def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl="bf16") -> DeepseekV3:
+def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl="bf16",
+                    fp8_kernel="emulate") -> DeepseekV3:
     """Build `cls(config)` on `device` in `dtype` and fill it from the checkpoint in `path`.
 
     MTP modules: config.json's num_nextn_predict_layers decides how many are read (from
@@ -178,14 +179,22 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl=
 
     FP8 checkpoints (`quantization_config.quant_method: fp8`): every `*.weight` stored in E4M3 comes
     with its `*.weight_scale_inv`. gemm_impl "bf16" dequantizes them on load (to `dtype`);
-    "fp8" keeps them in FP8 and runs those layers as `FP8Linear` (block-scaled FP8 GEMM).
+    "fp8" keeps them in FP8 and runs those layers as `FP8Linear` (block-scaled FP8 GEMM) with
+    `fp8_kernel` "emulate" (exact, any device) or "scaled_mm" (torch's scaled_mm; CPU or SM90 GPU).
     """
-    from dsv3ref.fp8 import FP8Linear, dequantize_weight
+    from dsv3ref.fp8 import FP8_KERNELS, FP8Linear, dequantize_weight, scaled_mm_recipe
 
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype such as torch.float32, found {dtype!r}")
     if gemm_impl not in GEMM_IMPLS:
         raise ValueError(f"gemm_impl: found {gemm_impl!r}, expected one of {GEMM_IMPLS}")
+    if fp8_kernel not in FP8_KERNELS:
+        raise ValueError(f"fp8_kernel: found {fp8_kernel!r}, expected one of {FP8_KERNELS}")
+    if fp8_kernel != "emulate" and gemm_impl != "fp8":
+        raise ValueError(f"fp8_kernel={fp8_kernel!r} chooses how FP8 weights are multiplied: it needs gemm_impl='fp8'")
+    if fp8_kernel == "scaled_mm" and scaled_mm_recipe(device) is None:
+        raise ValueError(f"fp8_kernel='scaled_mm': torch {torch.__version__} offers no block-scaled scaled_mm on "
+                         f"device {device} (a CPU, or an SM90 GPU with CUDA >= 12.9); use fp8_kernel='emulate'")
     path = Path(path)
     files = tensor_files(path)
     cfg = ModelConfig.from_pretrained(path)
@@ -215,7 +224,8 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl=
                 parent, _, child = name.removesuffix(".weight").rpartition(".")
                 owner = model.get_submodule(parent)
                 linear = getattr(owner, child)
-                setattr(owner, child, FP8Linear(linear.in_features, linear.out_features, scale_fmt))
+                setattr(owner, child, FP8Linear(linear.in_features, linear.out_features, scale_fmt,
+                                                       kernel=fp8_kernel))
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -237,13 +237,15 @@ class DeepseekV3(nn.Module):
         attn_impl: str = "naive",
         moe_impl: str = "loop",
         gemm_impl: str = "bf16",
+        fp8_kernel: str = "emulate",
     ) -> DeepseekV3:
         """Load a checkpoint folder (config.json + model.safetensors or shards with an index).
 
         For FP8 checkpoints, gemm_impl "bf16" dequantizes the weights on load (to `dtype`) and "fp8"
-        keeps them in FP8 and runs the block-scaled FP8 GEMM (see dsv3ref.fp8).
+        keeps them in FP8 and runs the block-scaled FP8 GEMM (see dsv3ref.fp8), emulated exactly
+        (fp8_kernel "emulate") or through torch's scaled_mm ("scaled_mm": a CPU, or an SM90 GPU).
         """
         from dsv3ref.checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device, attn_impl=attn_impl, moe_impl=moe_impl,
-                               gemm_impl=gemm_impl)
+                               gemm_impl=gemm_impl, fp8_kernel=fp8_kernel)

@@ -17,11 +17,14 @@ from dsv3ref.convert import main as convert_main
 from dsv3ref.fp8 import (
     E4M3,
     FP8Linear,
+    blockwise_operands,
     dequantize_weight,
     fp8_matmul,
+    fp8_matmul_scaled_mm,
     limited_precision_dot,
     quantize_activation,
     quantize_weight,
+    scaled_mm_recipe,
 )
 
 SHAPES = [(256, 384), (300, 200), (130, 129), (5, 7)]
@@ -89,6 +92,67 @@ def test_fp8_gemm_equals_float64_block_formula_and_is_close_to_the_real_product(
     assert ((y.double() - exact).abs() <= bound).all()
 
 
+GEMM_SHAPES = [(4, 256, 128), (7, 300, 130), (1, 128, 5), (33, 1000, 700)]
+
+
+def _quantized_operands(m, k, n, scale_fmt=None, device="cpu"):
+    g = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, k)  # channels of very different sizes
+    w = torch.randn(n, k, generator=g) * 0.05
+    x_q, x_s = quantize_activation(x.to(device), scale_fmt=scale_fmt)
+    return x_q, x_s, *quantize_weight(w.to(device), scale_fmt=scale_fmt)
+
+
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_scaled_mm_kernel_equals_the_emulation_on_cpu(m, k, n, scale_fmt):
+    assert scaled_mm_recipe("cpu") == "rowwise"
+    xq, xs, wq, ws = _quantized_operands(m, k, n, scale_fmt)
+    # Same formula; torch's kernel sums each block's 128 FP8 products in float32 instead of exactly,
+    # which moves the result by float32 rounding only.
+    assert rel_err(fp8_matmul_scaled_mm(xq, xs, wq, ws), fp8_matmul(xq, xs, wq, ws)) < 1e-6
+
+
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+def test_blockwise_operands_have_cublas_layout_and_mean_the_block_scaled_gemm(m, k, n):
+    """The single Hopper call cannot run on a CPU; this checks what it is given, read the way
+    cuBLAS's block-scaling layout says (torch's test_scaled_mm_block_wise_numerics): A (M, K)
+    row-major with scale_a (M, K/128) M-major; B (K, N) column-major with scale_b (L4, N/128)
+    K-major, L4 = K/128 rounded up to a multiple of 4."""
+    xq, xs, wq, ws = _quantized_operands(m, k, n)
+    ops = blockwise_operands(xq, xs, wq, ws)
+    a, b, sa, sb = ops["mat_a"], ops["mat_b"], ops["scale_a"], ops["scale_b"]
+    mp, kp = a.shape
+    np_ = b.shape[1]
+    kb = math.ceil(k / 128)
+    assert kp == 128 * kb and mp % 16 == 0 and np_ % 16 == 0 and b.shape[0] == kp
+    assert a.stride() == (kp, 1) and b.stride() == (1, kp)
+    assert sa.shape == (mp, kb) and sa.stride()[0] == 1 and (kb == 1 or sa.stride()[1] == mp)
+    assert sb.shape[0] % 4 == 0 and sb.shape[0] >= kb and sb.shape[1] == math.ceil(n / 128)
+    assert sb.stride() == (1, sb.shape[0])
+    out = torch.zeros(mp, np_, dtype=torch.float64)
+    for blk in range(kb):
+        cols = slice(blk * 128, (blk + 1) * 128)
+        partial = a[:, cols].double() @ b[cols, :].double()  # (Mp, Np), exact
+        col_scale = sb[blk].double().repeat_interleave(128)[:np_]  # scale_b[blk, j // 128]
+        out += partial * sa[:, blk, None].double() * col_scale[None, :]
+    assert rel_err(out[:m, :n], fp8_matmul(xq, xs, wq, ws)) < 1e-6
+    assert (out[m:] == 0).all() and (out[:, n:] == 0).all()  # padding adds nothing
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or scaled_mm_recipe("cuda") != "blockwise",
+                    reason="needs an SM90 GPU (H100/H200) with CUDA >= 12.9")
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES + [(512, 7168, 1536)])
+def test_hopper_blockwise_scaled_mm_agrees_with_the_emulation(m, k, n):
+    xq, xs, wq, ws = _quantized_operands(m, k, n, device="cuda")
+    got = fp8_matmul_scaled_mm(xq, xs, wq, ws).cpu()
+    want = fp8_matmul(xq.cpu(), xs.cpu(), wq.cpu(), ws.cpu())
+    # Tensor cores sum FP8 products with a limited accumulator inside each 128-wide block (report,
+    # section 3.3.2) before cuBLAS promotes the block to float32: allow 2e-3, the tolerance torch's
+    # own blockwise test uses against an emulation.
+    assert rel_err(got, want) < 2e-3
+
+
 def test_limited_accumulation_reproduces_the_reports_finding():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(64, 4096, generator=g).to(E4M3).float()
@@ -135,6 +199,29 @@ def test_converted_checkpoint_loads_in_fp8_and_dequantize_modes(fp8_checkpoint):
     # Through the network (routing flips included) the logits stay within tens of percent on this tiny model.
     assert rel_err(b["lm_head"], reference["lm_head"]) < 0.25
     assert rel_err(a["lm_head"], reference["lm_head"]) < 0.35
+
+
+def test_fp8_model_with_the_scaled_mm_kernel_equals_the_emulated_one(fp8_checkpoint):
+    cfg, _, tmp = fp8_checkpoint
+    emulated = DeepseekV3.from_pretrained(tmp / "fp8", gemm_impl="fp8", attn_impl="absorb")
+    fast = DeepseekV3.from_pretrained(tmp / "fp8", gemm_impl="fp8", attn_impl="absorb", fp8_kernel="scaled_mm")
+    assert fast.model.layers[0].self_attn.kv_b_proj.kernel == "scaled_mm"
+    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3))
+    a, b = trace(emulated, ids), trace(fast, ids)
+    assert a["model.layers.1.mlp.gate:ids"].equal(b["model.layers.1.mlp.gate:ids"])  # same routing
+    assert rel_err(b["lm_head"], a["lm_head"]) < 1e-5  # float32 rounding inside the blocks, see above
+
+
+def test_fp8_kernel_argument_is_checked(fp8_checkpoint):
+    _, _, tmp = fp8_checkpoint
+    with pytest.raises(ValueError, match="fp8_kernel: found 'triton'"):
+        DeepseekV3.from_pretrained(tmp / "fp8", gemm_impl="fp8", fp8_kernel="triton")
+    with pytest.raises(ValueError, match="needs gemm_impl='fp8'"):
+        DeepseekV3.from_pretrained(tmp / "fp8", fp8_kernel="scaled_mm")
+    with pytest.raises(ValueError, match="no block-scaled scaled_mm on device meta"):
+        DeepseekV3.from_pretrained(tmp / "fp8", gemm_impl="fp8", fp8_kernel="scaled_mm", device="meta")
+    with pytest.raises(ValueError, match="kernel: found 'fast'"):
+        FP8Linear(128, 128, kernel="fast")
 
 
 def test_bf16_round_trip_equals_dequantize_mode(fp8_checkpoint):
