@@ -764,9 +764,11 @@ from dsv3ref.fp8 import (
     E4M3,
     dequantize_weight,
     fp8_matmul,
+    fp8_matmul_scaled_mm,
     limited_precision_dot,
     quantize_activation,
     quantize_weight,
+    scaled_mm_recipe,
 )
 
 torch.manual_seed(0)
@@ -828,6 +830,15 @@ y_fp8 = fp8_matmul(xq, xs, wq, ws)
 y_ref = x @ w.T
 gemm_err = ((y_fp8 - y_ref).norm() / y_ref.norm()).item()
 print(f"largest weight error, in half E4M3 ulps: {w_err:.3f}; FP8 GEMM vs float32: {gemm_err:.4f} (normwise)")"""),
+    ("md", """`fp8_matmul` is the oracle: it computes each block's sum of FP8 products exactly (in float64).
+The same GEMM also runs through torch's own FP8 kernel, `torch.nn.functional.scaled_mm`: on an H100
+or H200 as a single cuBLAS call that takes our scales as they are (1 x 128 tiles for activations,
+128 x 128 blocks for weights); on a CPU, whose kernel knows only per-row scales, as one call per
+128-wide slice of K. Both must agree with the oracle to float32 rounding."""),
+    ("code", """y_kernel = fp8_matmul_scaled_mm(xq, xs, wq, ws)
+kernel_err = ((y_kernel - y_fp8).abs().max() / y_fp8.abs().max()).item()
+print(f"scaled_mm on this machine runs as {scaled_mm_recipe('cpu')!r}; largest difference from the oracle: "
+      f"{kernel_err:.1e} of the largest output")"""),
     ("md", """## 4. Accumulation precision
 
 Each product of two E4M3 numbers is exact, but Hopper tensor cores add them into an accumulator
@@ -893,6 +904,7 @@ relative loss difference."""),
 assert beyond["tile"] < beyond["tensor"] / 5                     # tiles keep ordinary values; a tensor scale loses them
 assert w_err <= 1 + 1e-5                                          # every weight within half an E4M3 ulp
 assert gemm_err < 0.05
+assert kernel_err < 1e-6                                          # torch's FP8 kernel computes the oracle's formula
 assert 5e-3 < curves[(14, None)][-1] < 5e-2                       # ~1-2% at K = 4096 with 14 bits
 assert curves[(14, 128)][-1] < 1e-3                               # promotion every 128 removes it
 assert curves[(14, None)][-1] > 5 * curves[(14, None)][0]         # and the error grows with K
