@@ -135,7 +135,9 @@ def scaled_mm_recipe(device: str | torch.device) -> str | None:
 
 
 def _pad_fp8(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Zero-pad an FP8 matrix to (rows, cols); the all-zero byte is E4M3's +0."""
+    """Zero-pad an FP8 matrix to (rows, cols); the all-zero byte is E4M3's +0. No copy if no padding."""
+    if q.shape == (rows, cols):
+        return q
     padded = F.pad(q.view(torch.uint8), (0, cols - q.shape[1], 0, rows - q.shape[0]))
     return padded.view(q.dtype)
 
