@@ -4,7 +4,8 @@
     python -m dsv3ref.convert bf16-to-fp8 SRC DST      # quantize the linear layers DeepSeek-V3 ships in FP8
 
 Each shard of SRC is read, converted and written to DST under a temporary name, renamed when
-complete, and dropped from memory before the next one, so peak memory stays about one shard. A
+complete, and dropped from memory before the next one, so peak memory depends on the shard size,
+not the checkpoint's (tested: 2-4 shard sizes, counting the mapped shard and what is read from it). A
 weight whose scale sits in another shard is paired through a lazy read of that one tensor. The
 index (`weight_map`) and config.json (`quantization_config`) are rewritten; other files (tokenizer,
 generation config) are copied. SRC is only read.
