@@ -187,3 +187,41 @@ def test_grouped_matches_loop_when_split_into_many_blocks():
     loop, grouped = moe_pair(cfg)
     grouped.experts.block_rows = 7  # 3 * 13 tokens * 4 experts = 156 assignments: many runs of whole experts
     check_forward_and_backward(loop, grouped, torch.randn(3, 13, cfg.hidden_size), 1e-5)
+
+
+def test_stacked_weights_are_built_once_and_never_copied_in_forward(tmp_path):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cfg = tiny_config(first_k_dense_replace=0, num_hidden_layers=1)
+    torch.manual_seed(3)
+    dsv3ref.save_pretrained(DeepseekV3(cfg), tmp_path)
+    experts = DeepseekV3.from_pretrained(tmp_path, moe_impl="grouped").model.layers[0].mlp.experts
+    weights = [experts.gate_up_proj, experts.down_proj]
+    pointers = [w.data_ptr() for w in weights]
+    # the checkpoint names in state_dict are views into the stacked tensors, not copies
+    sd = experts.state_dict()
+    assert sd["0.gate_proj.weight"].untyped_storage().data_ptr() == experts.gate_up_proj.data_ptr()
+    assert sd["3.down_proj.weight"].untyped_storage().data_ptr() == experts.down_proj.data_ptr()
+    one_expert = cfg.moe_intermediate_size * cfg.hidden_size
+
+    class NewTensors(TorchDispatchMode):
+        """Records the sizes of the tensors each op creates in fresh memory (views excluded)."""
+
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append((str(func), out.numel()))
+            return out
+
+    tokens = torch.randn(3, cfg.hidden_size)  # 3 tokens x 2 experts: every activation is smaller than one expert
+    weights_, ids = torch.rand(3, 2), torch.tensor([[0, 1], [1, 2], [5, 0]])
+    for _ in range(2):
+        with torch.no_grad(), NewTensors() as seen:
+            experts(tokens, weights_, ids)
+        assert seen.sizes and max(n for _, n in seen.sizes) < one_expert, seen.sizes
+    assert [w.data_ptr() for w in weights] == pointers
