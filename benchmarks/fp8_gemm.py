@@ -25,6 +25,7 @@ from dsv3ref.fp8 import (
     fp8_matmul_scaled_mm,
     quantize_activation,
     quantize_weight,
+    rowwise_weight,
     scaled_mm_recipe,
 )
 
@@ -65,8 +66,10 @@ def main() -> None:
                 "dense (dequantized)": partial(torch.matmul, x.to(dense_dtype), w_dense.T),
                 "dsv3ref emulate": partial(fp8_matmul, x_q, x_s, w_q, w_s),
             }
-            if recipe is not None:
-                contenders[f"dsv3ref scaled_mm ({recipe})"] = partial(fp8_matmul_scaled_mm, x_q, x_s, w_q, w_s)
+            if recipe is not None:  # the weight laid out once, as FP8Linear keeps it
+                prepared = rowwise_weight(w_q, w_s) if recipe == "rowwise" else None
+                contenders[f"dsv3ref scaled_mm ({recipe})"] = partial(fp8_matmul_scaled_mm, x_q, x_s, w_q, w_s,
+                                                                      w_rowwise=prepared)
             reference = fp8_matmul(x_q, x_s, w_q, w_s).double()
             times = {}
             for label, fn in contenders.items():

@@ -224,8 +224,8 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl=
                 parent, _, child = name.removesuffix(".weight").rpartition(".")
                 owner = model.get_submodule(parent)
                 linear = getattr(owner, child)
-                setattr(owner, child, FP8Linear(linear.in_features, linear.out_features, scale_fmt,
-                                                       kernel=fp8_kernel))
+                fp8_linear = FP8Linear(linear.in_features, linear.out_features, scale_fmt, kernel=fp8_kernel)
+                setattr(owner, child, fp8_linear)
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -162,13 +162,32 @@ def blockwise_operands(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tens
                 output_dtype=torch.float32)
 
 
+def rowwise_weight(w_q: torch.Tensor, w_scale_inv: torch.Tensor, block: int = BLOCK
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight side of the per-K-block ("rowwise") scaled_mm: w_q (N, K) as K blocks (kb, N, 128),
+    each contiguous, and each row's block scale as (kb, 1, N). It depends on the weight alone, so
+    FP8Linear builds it once (one more FP8 copy of the weight) instead of at every call."""
+    n, k = w_q.shape
+    kb = math.ceil(k / block)
+    blocks = rearrange(_pad_fp8(w_q, n, kb * block), "n (kb c) -> kb n c", c=block)
+    rows = repeat(w_scale_inv, "nb kb -> kb 1 (nb r)", r=block)[..., :n]
+    # scaled_mm checks strides literally, even of size-1 axes: give both fresh row-major strides
+    return _packed(blocks), _packed(rows)
+
+
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def fp8_matmul_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale_inv: torch.Tensor,
-                         block: int = BLOCK) -> torch.Tensor:
+                         block: int = BLOCK, w_rowwise: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> torch.Tensor:
     """`fp8_matmul` (same arguments, same (M, N) float32 result) through torch's `scaled_mm`.
 
     See `scaled_mm_recipe` for how it runs on each device. The per-K-block ("rowwise") form computes
     exactly the emulation's formula: a float32 block product scaled by x_scale[m, b] and
-    w_scale_inv[n // 128, b], blocks accumulated in float32 in order.
+    w_scale_inv[n // 128, b], blocks accumulated in float32 in order. w_rowwise: the weight's
+    `rowwise_weight`, if the caller keeps it (built here otherwise).
     """
     recipe = scaled_mm_recipe(x_q.device)
     m, k = x_q.shape
@@ -178,18 +197,12 @@ def fp8_matmul_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Te
     if recipe is None:
         raise ValueError(f"fp8_matmul_scaled_mm: torch {torch.__version__} has no block-scaled scaled_mm on "
                          f"{x_q.device} (needs a CPU, or an SM90 GPU with CUDA >= 12.9); use fp8_matmul")
-    # scaled_mm checks strides literally, even of size-1 axes: give every operand fresh row-major
-    # strides (one copy of the weight per call, laid out block after block, as the loop reads it).
-    def packed(t: torch.Tensor) -> torch.Tensor:
-        return t.clone(memory_format=torch.contiguous_format)
-
-    xb = packed(rearrange(_pad_fp8(x_q, m, kb * block), "m (kb c) -> kb m c", c=block))
-    wb = packed(rearrange(_pad_fp8(w_q, n, kb * block), "n (kb c) -> kb n c", c=block))
-    w_rows = packed(repeat(w_scale_inv, "nb kb -> kb 1 (nb r)", r=block)[..., :n])  # (kb, 1, n)
-    x_cols = packed(rearrange(x_scale, "m kb -> kb m 1"))  # (kb, m, 1)
+    w_blocks, w_rows = w_rowwise if w_rowwise is not None else rowwise_weight(w_q, w_scale_inv, block)
+    xb = _packed(rearrange(_pad_fp8(x_q, m, kb * block), "m (kb c) -> kb m c", c=block))  # (kb, m, 128)
+    x_cols = _packed(rearrange(x_scale, "m kb -> kb m 1"))  # (kb, m, 1)
     acc = torch.zeros(m, n, dtype=torch.float32, device=x_q.device)
     for b in range(kb):
-        acc = acc + F.scaled_mm(xb[b], wb[b].t(), x_cols[b], F.ScalingType.RowWise, w_rows[b],
+        acc = acc + F.scaled_mm(xb[b], w_blocks[b].t(), x_cols[b], F.ScalingType.RowWise, w_rows[b],
                                 F.ScalingType.RowWise, output_dtype=torch.float32)
     return acc
 
@@ -213,23 +226,33 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=E4M3))
         self.register_buffer("weight_scale_inv", torch.ones(math.ceil(out_features / BLOCK),
                                                            math.ceil(in_features / BLOCK)))
-        self._dense: tuple[tuple, torch.Tensor] | None = None  # the last dequantized weight, with its key
+        self._derived: dict = {}  # name -> (weight key, tensor(s) computed from the weight)
+
+    def _from_weight(self, name: str, build):
+        """build(), computed once and reused until the weight or its scales change."""
+        key = (self.weight.device, self.weight._version, self.weight_scale_inv._version,
+               self.weight.data_ptr(), self.weight_scale_inv.data_ptr())
+        if name not in self._derived or self._derived[name][0] != key:
+            self._derived[name] = (key, build())
+        return self._derived[name][1]
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight in `dtype`, dequantized once and reused until the weight or scales change
         (absorbed MLA needs kv_b_proj dense at every step)."""
-        key = (dtype, self.weight.device, self.weight._version, self.weight_scale_inv._version,
-               self.weight.data_ptr(), self.weight_scale_inv.data_ptr())
-        if self._dense is None or self._dense[0] != key:
-            self._dense = (key, dequantize_weight(self.weight, self.weight_scale_inv, dtype=dtype))
-        return self._dense[1]
+        return self._from_weight(f"dense {dtype}",
+                                 lambda: dequantize_weight(self.weight, self.weight_scale_inv, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
         flat = rearrange(x, "... k -> (...) k")
         x_q, x_scale = quantize_activation(flat, scale_fmt=self.scale_fmt)
-        gemm = fp8_matmul_scaled_mm if self.kernel == "scaled_mm" else fp8_matmul
-        y = gemm(x_q, x_scale, self.weight, self.weight_scale_inv)  # (tokens, out) float32
+        if self.kernel == "scaled_mm":
+            w_rowwise = None
+            if scaled_mm_recipe(x.device) == "rowwise":
+                w_rowwise = self._from_weight("rowwise", lambda: rowwise_weight(self.weight, self.weight_scale_inv))
+            y = fp8_matmul_scaled_mm(x_q, x_scale, self.weight, self.weight_scale_inv, w_rowwise=w_rowwise)
+        else:
+            y = fp8_matmul(x_q, x_scale, self.weight, self.weight_scale_inv)  # (tokens, out) float32
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -363,3 +363,21 @@ def test_fp8_linear_dequantizes_once_and_notices_new_weights():
     with torch.no_grad():
         layer.weight_scale_inv.mul_(2)
     assert torch.equal(layer.dequantized_weight(), 2 * first)
+
+
+def test_scaled_mm_linear_lays_out_its_weight_once_and_notices_new_weights():
+    layer = FP8Linear(300, 130, kernel="scaled_mm")
+    q, s = quantize_weight(torch.randn(130, 300) * 0.05)
+    with torch.no_grad():
+        layer.weight.copy_(q)
+        layer.weight_scale_inv.copy_(s)
+    x = torch.randn(4, 300)
+    xq, xs = quantize_activation(x)
+    first = layer(x)
+    prepared = layer._derived["rowwise"][1]
+    assert rel_err(first, fp8_matmul(xq, xs, q, s)) < 1e-6
+    layer(x)
+    assert layer._derived["rowwise"][1] is prepared  # built once, not at every call
+    with torch.no_grad():
+        layer.weight_scale_inv.mul_(2)
+    assert rel_err(layer(x), fp8_matmul(xq, xs, q, 2 * s)) < 1e-6  # new scales are seen
