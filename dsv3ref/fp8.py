@@ -74,8 +74,9 @@ def dequantize_weight(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLO
     if tuple(scale_inv.shape) != expected:
         raise ValueError(f"weight_scale_inv: expected shape {expected} for a weight of shape {tuple(q.shape)}, "
                          f"found {tuple(scale_inv.shape)}")
-    blocks = rearrange(_pad_to(q.float(), (0, 1), block), "(bo o) (bi i) -> bo bi o i", o=block, i=block)
-    w = rearrange(blocks * scale_inv.float()[..., None, None], "bo bi o i -> (bo o) (bi i)")
+    compute = torch.promote_types(dtype, torch.float32)  # float64 holds each product exactly; float32 as DeepSeek
+    blocks = rearrange(_pad_to(q.to(compute), (0, 1), block), "(bo o) (bi i) -> bo bi o i", o=block, i=block)
+    w = rearrange(blocks * scale_inv.to(compute)[..., None, None], "bo bi o i -> (bo o) (bi i)")
     return w[:out_dim, :in_dim].to(dtype)
 
 

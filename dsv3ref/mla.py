@@ -27,10 +27,27 @@ Two implementations share these weights:
 
 Absorption is not free: each score then costs 2 * kv_lora_rank + qk_rope_head_dim multiply-adds
 instead of qk_head_dim + v_head_dim. Decoding (one query, many cached keys) wins by far; prefill
-(as many queries as keys) is cheaper with the keys expanded. So "absorb" computes each chunk in
-the cheaper order (`MLA.order = "auto"`, the default; "absorbed" or "expanded" force one; the
-expanded order runs through torch's fused scaled_dot_product_attention). Both
-orders are the same mathematics over the same latent cache, and the tests hold them equal.
+(as many queries as keys) is cheaper with the keys expanded. So "absorb" can compute a chunk in
+either order over the same latent cache: "absorbed" (DeepSeek's absorb path) or "expanded" (keys
+and values expanded from the latent, through torch's fused scaled_dot_product_attention).
+`MLA.order` chooses: "absorbed" or "expanded" force one; "auto" (the default) takes the cheaper
+one by a multiply-add count when activations are float32 or float64 and the weights dense, where
+both orders agree to float rounding (about 1e-7). Otherwise it takes the absorbed order for every
+chunk: in bf16 the two orders round different intermediates (the expanded keys or the absorbed
+query), and with FP8 weights a last-bit difference can round an FP8 GEMM's input to another E4M3
+value, so switching orders by chunk size would make results depend on how the input is chunked
+(by 6e-3 to 6e-2 on the logits of a tiny model, measured).
+
+FP8 weights (`gemm_impl="fp8"`): which path an engineer should compare against.
+
+- "naive" is DeepSeek's naive path (inference/model.py, attn_impl="naive"): kv_b_proj runs as the
+  block-scaled FP8 GEMM, so the latent c^KV is quantized in 1 x 128 tiles before the expansion.
+- "absorb" is DeepSeek's absorb path: kv_b_proj's weight is dequantized (`linear_weight`) and
+  applied to the latent in the activation dtype; the latent is never quantized, in either order.
+
+The two therefore differ by the latent's quantization error (a few percent on the attention
+output of a tiny model); each is independent of how the input is chunked or batched, and the
+tests hold each equal to its formula written out in float64.
 """
 
 from __future__ import annotations
@@ -41,7 +58,7 @@ from einops import einsum, rearrange, repeat
 from torch import nn
 
 from dsv3ref.config import ModelConfig
-from dsv3ref.fp8 import linear_weight
+from dsv3ref.fp8 import FP8Linear, linear_weight
 from dsv3ref.norm import RMSNorm
 from dsv3ref.rope import apply_rope, softmax_scale
 
@@ -103,8 +120,16 @@ class MLA(nn.Module):
         return self.kv_a_layernorm(c_kv), apply_rope(k_rope, cos, sin)
 
     def expand(self, c_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """c_kv (b, s, kv_lora_rank) -> k_nope (b, s, h, qk_nope_head_dim), v (b, s, h, v_head_dim)."""
-        kv = rearrange(self.kv_b_proj(c_kv), "b s (h d) -> b s h d", h=self.n_heads)
+        """c_kv (b, s, kv_lora_rank) -> k_nope (b, s, h, qk_nope_head_dim), v (b, s, h, v_head_dim).
+
+        "naive" runs kv_b_proj as a layer (with FP8 weights: the FP8 GEMM, latent quantized);
+        "absorb" multiplies by its dense weight (dequantized once), as its absorbed order does.
+        """
+        if self.attn_impl == "naive":
+            kv = self.kv_b_proj(c_kv)
+        else:
+            kv = F.linear(c_kv, linear_weight(self.kv_b_proj, c_kv.dtype))  # (b, s, h * (dn + dv))
+        kv = rearrange(kv, "b s (h d) -> b s h d", h=self.n_heads)
         return kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
     def forward(
@@ -134,7 +159,7 @@ class MLA(nn.Module):
         else:
             if cache is not None:
                 c_kv, k_rope = self._store(cache, positions, mask.shape[-1], c_kv=c_kv, k_rope=k_rope)
-            if self._absorbed(q_nope.shape[1], c_kv.shape[1]):
+            if self._absorbed(q_nope.shape[1], c_kv.shape[1], c_kv.dtype):
                 out = self.attend_absorbed(q_nope, q_rope, c_kv, k_rope, mask)
             else:
                 out = self.attend_fused(torch.cat([q_nope, q_rope], dim=-1), *self.expand_keys(c_kv, k_rope), mask)
@@ -145,11 +170,17 @@ class MLA(nn.Module):
         k_nope, v = self.expand(c_kv)
         return torch.cat([k_nope, repeat(k_rope, "b s d -> b s h d", h=self.n_heads)], dim=-1), v
 
-    def _absorbed(self, t: int, s: int) -> bool:
+    def _absorbed(self, t: int, s: int, dtype: torch.dtype) -> bool:
+        """Whether a chunk of t queries over s keys is computed in the absorbed order (see `order`)."""
         if self.order not in ORDERS:
             raise ValueError(f"MLA.order: found {self.order!r}, expected one of {ORDERS}")
         if self.order != "auto":
             return self.order == "absorbed"
+        # The orders agree to float32 rounding. That is harmless only if nothing downstream magnifies a
+        # last-bit difference: a narrower dtype rounds the orders' different intermediates, and an FP8
+        # GEMM can round its input to a different E4M3 value. There, one order for every chunk.
+        if dtype not in (torch.float32, torch.float64) or isinstance(self.kv_b_proj, FP8Linear):
+            return True
         return absorbed_is_cheaper(t, s, self.kv_lora_rank, self.n_heads, self.qk_nope_head_dim,
                                    self.qk_rope_head_dim, self.v_head_dim)
 

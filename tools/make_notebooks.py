@@ -899,6 +899,43 @@ a few tokens to other experts, and those tokens' outputs change completely: that
 format, is what moves the logits here (compare them with `dsv3ref.compare`'s routing column). A
 trained router has clear margins, which is why DeepSeek-V3 could train in FP8 with under 0.25%
 relative loss difference."""),
+    ("md", """## 6. Two FP8 attention paths: which one to compare a kernel against
+
+With FP8 weights, the two attention implementations are two different computations, exactly as in
+DeepSeek's own `inference/model.py`:
+
+- `attn_impl="naive"` is DeepSeek's naive path: `kv_b_proj` runs as the block-scaled FP8 GEMM, so
+  the latent $c^{KV}$ is first quantized in 1 x 128 tiles;
+- `attn_impl="absorb"` is DeepSeek's absorb path: `kv_b_proj`'s weight is dequantized and applied to
+  the latent in the activation dtype. The latent is never quantized, whichever order
+  (absorbed or expanded) a chunk is computed in.
+
+So a kernel that keeps the latent in bf16 (every MLA decode kernel does) should be compared with
+`absorb`. Each path gives the same logits however the tokens are fed: one chunk or one at a time.
+Between the two paths the logits of this untrained model differ a lot: the latent's quantization
+error is a few percent, and near-tied routers turn it into different experts (section 5)."""),
+    ("code", """def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def fed(model, chunks):
+    cache = model.new_cache(1, 24)
+    out, p = [], 0
+    for c in chunks:
+        out.append(model(ids[:1, p:p + c], cache=cache, start_pos=p))
+        p += c
+    return torch.cat(out, dim=1)
+
+
+paths = {impl: DeepseekV3.from_pretrained(f"{folder}/fp8", gemm_impl="fp8", attn_impl=impl)
+         for impl in ("naive", "absorb")}
+with torch.no_grad():
+    whole = {impl: fed(m, [24]) for impl, m in paths.items()}
+    chunking_err = {impl: rel(fed(m, [1] * 24), whole[impl]) for impl, m in paths.items()}
+    latent_quantization = rel(whole["absorb"], whole["naive"])
+for impl, err in chunking_err.items():
+    print(f"{impl:6s}: one chunk vs one token at a time, max relative difference {err:.1e}")
+print(f"naive vs absorb (the latent quantized or not): {latent_quantization:.1e}")"""),
     ("md", "## Checks"),
     ("code", """assert positive.max() == 448 and positive.min() == 2.0 ** -9 and len(positive) == 126
 assert beyond["tile"] < beyond["tensor"] / 5                     # tiles keep ordinary values; a tensor scale loses them
@@ -912,6 +949,8 @@ assert first_layer["bf16 weights and compute"] < 0.01                   # bf16: 
 assert first_layer["FP8 weights, dequantized"] < 2 ** -3               # E4M3: 2^-4 per rounding
 assert first_layer["FP8 weights and activations"] < 2 ** -2
 assert first_layer["bf16 weights and compute"] < first_layer["FP8 weights, dequantized"]
+assert max(chunking_err.values()) < 1e-5                          # each FP8 path is independent of chunking
+assert latent_quantization > 1e-3                                 # and the two paths are different computations
 print("all checks passed")"""),
 ]
 
