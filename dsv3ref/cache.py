@@ -55,6 +55,26 @@ class KVCache:
             {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape in shapes.items()}
             for _ in range(cfg.num_hidden_layers if n_layers is None else n_layers)
         ]
+        self.filled = torch.zeros(len(self.layers), batch_size, dtype=torch.long, device=device)
+        """(layers, batch): how many leading positions of each row each layer has written. A chunk may
+        start at any position up to this (earlier ones are rewritten, as speculative decoding does)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0][next(iter(self.layers[0]))].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.filled.device
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of one layer's tensors."""
+        return {name: tuple(t.shape) for name, t in self.layers[0].items()}
+
+    def mark_filled(self, layers: range, positions: torch.Tensor) -> None:
+        """Record that `layers` wrote positions (b, t) of each row (contiguous, increasing)."""
+        end = positions[:, -1] + 1  # (b,)
+        self.filled[layers.start:layers.stop] = torch.maximum(self.filled[layers.start:layers.stop], end)
 
     @property
     def nbytes(self) -> int:

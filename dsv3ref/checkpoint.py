@@ -12,17 +12,27 @@ interrupted save never leaves a half-written file behind.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from dsv3ref.atomic import atomic_save_tensors, atomic_write_text, is_plain_name
 from dsv3ref.config import ModelConfig
+from dsv3ref.fp8 import (
+    BLOCK,
+    E4M3_MAX,
+    FP8_KERNELS,
+    QUANTIZATION_CONFIG,
+    SCALE_SUFFIX,
+    FP8Linear,
+    dequantize_weight,
+    scaled_mm_recipe,
+)
 
 if TYPE_CHECKING:
     from dsv3ref.model import DeepseekV3
@@ -30,6 +40,7 @@ if TYPE_CHECKING:
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 
@@ -38,28 +49,16 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------- writing
-def _atomic_replace(path: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp_path to path; remove the temporary file on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _old_shards(index: Path) -> set[str]:
+    """The shard files a previous save listed in `index`: plain file names only (an index may come
+    from anywhere; a name with a folder part, "..", or an absolute path is never the save's to remove)."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically."""
-    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write a safetensors file atomically."""
-    _atomic_replace(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return set()
+    if not isinstance(weight_map, dict):
+        return set()
+    return {name for name in weight_map.values() if is_plain_name(name) and name.endswith(".safetensors")}
 
 
 def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -88,9 +87,7 @@ def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 
         size += nbytes
 
     old_index = path / INDEX_FILE
-    old_shards = set()
-    if old_index.is_file():
-        old_shards = set(json.loads(old_index.read_text()).get("weight_map", {}).values())
+    old_shards = _old_shards(old_index) if old_index.is_file() else set()
     if len(shards) == 1:
         atomic_save_tensors(path / SINGLE_FILE, shards[0])
         new_files = {SINGLE_FILE}
@@ -107,14 +104,29 @@ def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 
         index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         atomic_write_text(old_index, json.dumps(index, indent=2, sort_keys=True) + "\n")
         new_files = set(weight_map.values())
-    for stale in old_shards - new_files:
-        (path / stale).unlink(missing_ok=True)
+        old_shards.add(SINGLE_FILE)  # a previous single-file save of this folder, now shadowed by the index
+    for stale in sorted(old_shards - new_files):
+        stale_path = path / stale
+        if stale_path.is_file() or stale_path.is_symlink():
+            stale_path.unlink()
     model.config.save(path)
 
 
 # ---------------------------------------------------------------------------------------- reading
+def _inside(name: object) -> bool:
+    """Whether an index entry names a file inside the checkpoint folder (relative, no "..")."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return False
+    p = PurePosixPath(name)
+    return not p.is_absolute() and ".." not in p.parts and p.name not in ("", ".")
+
+
 def tensor_files(path: str | Path) -> dict[str, Path]:
-    """Map every tensor name of the checkpoint in folder `path` to the safetensors file holding it."""
+    """Map every tensor name of the checkpoint in folder `path` to the safetensors file holding it.
+
+    An index may only name files inside the folder (a subfolder is fine, "..", absolute paths are
+    not); the files themselves may be symbolic links, as in the Hugging Face cache.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
@@ -124,20 +136,90 @@ def tensor_files(path: str | Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({e!r})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object {{tensor name: shard file}}, found "
+                                  f"{type(weight_map).__name__}")
+        for name, fname in weight_map.items():
+            if not _inside(fname):
+                raise CheckpointError(f"{index}: tensor {name} is listed in {fname!r}, which is not a file inside "
+                                      f"{path}; shards must be in the checkpoint folder")
         files = {name: path / fname for name, fname in weight_map.items()}
         for f in sorted(set(files.values())):
+            if not f.exists():
+                raise CheckpointError(f"{index}: lists shard {f.relative_to(path)}, which is not in {path}")
             if not f.is_file():
-                raise CheckpointError(f"{index}: lists shard {f.name}, which is not in {path}")
+                raise CheckpointError(f"{index}: shard {f.relative_to(path)} in {path} is not a file")
         return files
     single = path / SINGLE_FILE
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with open_safetensors(single) as f:
             return dict.fromkeys(f.keys(), single)
     found = sorted(p.name for p in path.glob("*.safetensors"))
     raise CheckpointError(f"{path}: expected {SINGLE_FILE} or {INDEX_FILE}; found "
                           f"{found if found else 'no safetensors files'}")
+
+
+@contextmanager
+def open_safetensors(file: Path) -> Iterator:
+    """`safe_open(file)` (header read and checked, data mapped), with errors that name the file."""
+    try:
+        handle = safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError, or an OSError
+        raise CheckpointError(f"{file}: cannot be read as safetensors ({type(e).__name__}: {e})") from None
+    with handle as f:
+        yield f
+
+
+def read_tensor(f, file: Path, name: str) -> torch.Tensor:
+    """One tensor of an open safetensors file, with an error that names the file and the tensor."""
+    try:
+        return f.get_tensor(name)
+    except Exception as e:
+        raise CheckpointError(f"{file}: tensor {name} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def check_finite(value: torch.Tensor, file: Path, name: str) -> None:
+    """Raise CheckpointError if a weight holds NaN or Inf (for FP8 bytes: E4M3's NaN codes 0x7f/0xff)."""
+    if value.dtype == torch.float8_e4m3fn:
+        bad = (value.view(torch.uint8) & 0x7F) == 0x7F
+    elif value.is_floating_point():
+        bad = ~torch.isfinite(value)
+    else:
+        return
+    if bad.any():
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise CheckpointError(f"{file}: tensor {name} holds {int(bad.sum())} non-finite value(s) (NaN or Inf), the "
+                              f"first at index {first}; a model loaded from it would compute NaN "
+                              "(check_finite=False skips this check)")
+
+
+def _span(ids: list[int]) -> str:
+    return f"{ids[0]}..{ids[-1]} ({len(ids)})" if ids else "none"
+
+
+def check_layout(cfg: ModelConfig, names, config_file: Path, n_mtp: int) -> None:
+    """Compare the layer and expert counts of config.json with the tensor names a checkpoint stores,
+    before a model of the config's size is built (a config asking for 5000 layers fails here, at once)."""
+    stored_layers: set[int] = set()
+    experts: dict[int, set[int]] = {}
+    for name in names:
+        if m := _LAYER.match(name):
+            stored_layers.add(int(m.group(1)))
+        if m := _EXPERT.match(name):
+            experts.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    n_main = cfg.num_hidden_layers
+    main = sorted(i for i in stored_layers if i < n_main)
+    if len(main) != n_main:
+        raise CheckpointError(f"{config_file}: num_hidden_layers={n_main}, but the checkpoint stores layers "
+                              f"{_span(sorted(stored_layers))}")
+    for layer in range(n_main + n_mtp):
+        if cfg.is_moe_layer(layer):
+            found = sorted(experts.get(layer, ()))
+            if len(found) != cfg.n_routed_experts or (found and found[-1] != len(found) - 1):
+                raise CheckpointError(f"{config_file}: n_routed_experts={cfg.n_routed_experts}, but "
+                                      f"model.layers.{layer}.mlp stores experts {_span(found)}")
 
 
 def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
@@ -152,26 +234,34 @@ def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
 
 
 GEMM_IMPLS = ("bf16", "fp8")
-_SCALE = "_scale_inv"  # "x.weight" + _SCALE = "x.weight_scale_inv"
 
 
 def _check_fp8_config(cfg: ModelConfig, path: Path) -> str | None:
     """The FP8 layout config.json declares; returns the scale format (None or "ue8m0")."""
     qc = cfg.quantization_config or {}
-    expected = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
-    for key, value in expected.items():
-        if qc.get(key) != value:
+    for key in ("quant_method", "fmt", "weight_block_size"):
+        if qc.get(key) != QUANTIZATION_CONFIG[key]:
             raise CheckpointError(f"{path / 'config.json'}: the checkpoint stores FP8 block scales, so "
-                                  f"quantization_config.{key} must be {value!r}; found {qc.get(key)!r}")
+                                  f"quantization_config.{key} must be {QUANTIZATION_CONFIG[key]!r}; "
+                                  f"found {qc.get(key)!r}")
     if qc.get("activation_scheme", "dynamic") != "dynamic":
         raise CheckpointError(f"{path / 'config.json'}: quantization_config.activation_scheme: found "
                               f"{qc.get('activation_scheme')!r}, expected 'dynamic'")
-    return qc.get("scale_fmt", cfg.extra.get("scale_fmt"))
+    scale_fmt = qc.get("scale_fmt", cfg.extra.get("scale_fmt"))
+    if scale_fmt not in (None, "ue8m0"):
+        raise CheckpointError(f"{path / 'config.json'}: scale_fmt: found {scale_fmt!r}, expected 'ue8m0' or none")
+    return scale_fmt
 
 
 def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl="bf16",
-                    fp8_kernel="emulate") -> DeepseekV3:
+                    fp8_kernel="emulate", check_finite_values=True) -> DeepseekV3:
     """Build `cls(config)` on `device` in `dtype` and fill it from the checkpoint in `path`.
+
+    Everything that can be checked without the weights is checked before any weight memory is
+    allocated: config.json against the tensor names (layer and expert counts), then every tensor's
+    name, shape and dtype from the safetensors headers against the model built on the meta device.
+    Then each tensor is read, checked to be finite (unless check_finite_values is False: one pass
+    over each tensor as it is read) and copied into place.
 
     MTP modules: config.json's num_nextn_predict_layers decides how many are read (from
     `model.layers.{num_hidden_layers + k}`); a checkpoint that stores none loads with MTP off
@@ -182,8 +272,6 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl=
     "fp8" keeps them in FP8 and runs those layers as `FP8Linear` (block-scaled FP8 GEMM) with
     `fp8_kernel` "emulate" (exact, any device) or "scaled_mm" (torch's scaled_mm; CPU or SM90 GPU).
     """
-    from dsv3ref.fp8 import FP8_KERNELS, FP8Linear, dequantize_weight, scaled_mm_recipe
-
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype such as torch.float32, found {dtype!r}")
     if gemm_impl not in GEMM_IMPLS:
@@ -204,11 +292,13 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl=
     if n_mtp and not layer_ids & set(range(n_main, n_main + n_mtp)):
         notes.append(f"config.json asks for {n_mtp} MTP module(s) but the checkpoint stores none: MTP is off")
         n_mtp = 0
-    fp8_weights = {name[: -len(_SCALE)] for name in files if name.endswith(".weight" + _SCALE)}
+    check_layout(cfg, files, path / "config.json", n_mtp)
+    fp8_weights = {name[: -len(SCALE_SUFFIX)] for name in files if name.endswith(".weight" + SCALE_SUFFIX)}
     scale_fmt = _check_fp8_config(cfg, path) if fp8_weights else None
     for name in sorted(fp8_weights):
         if name not in files:
-            raise CheckpointError(f"{files[name + _SCALE]}: block scale {name + _SCALE} has no weight {name}")
+            raise CheckpointError(f"{files[name + SCALE_SUFFIX]}: block scale {name + SCALE_SUFFIX} has no "
+                                  f"weight {name}")
     if gemm_impl == "fp8" and not fp8_weights:
         raise ValueError(f"gemm_impl='fp8': {path} stores no FP8 weights (no *.weight_scale_inv tensors)")
     if gemm_impl == "fp8" and moe_impl != "loop":
@@ -226,18 +316,17 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl=
                 linear = getattr(owner, child)
                 fp8_linear = FP8Linear(linear.in_features, linear.out_features, scale_fmt, kernel=fp8_kernel)
                 setattr(owner, child, fp8_linear)
-    model = model.to_empty(device=device)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # meta: shapes, no memory
     if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    targets = model.state_dict()
-    if cfg.tie_word_embeddings:
-        del targets["lm_head.weight"]  # the embedding, loaded under its own name
+        del expected["lm_head.weight"]  # the embedding, loaded under its own name
     copies = _mtp_copies(cfg)
 
+    # 1. Names, shapes and dtypes, from the index and the safetensors headers.
     by_file: dict[Path, list[str]] = {}
     unused: list[str] = []
     for name, file in files.items():
-        if name in targets or name in copies or (gemm_impl == "bf16" and name.removesuffix(_SCALE) in fp8_weights):
+        dequantized_scale = gemm_impl == "bf16" and name.removesuffix(SCALE_SUFFIX) in fp8_weights
+        if name in expected or name in copies or dequantized_scale:
             by_file.setdefault(file, []).append(name)
             continue
         m = _LAYER.match(name)
@@ -248,44 +337,68 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl=
             unused.append(name)  # an MTP module beyond num_nextn_predict_layers (or MTP switched off)
         else:
             raise CheckpointError(f"{file}: unexpected tensor {name} (not a DeepSeek-V3 parameter for this "
-                                  f"config.json; {len(targets)} parameters expected)")
+                                  f"config.json; {len(expected)} parameters expected)")
+    present = set()
+    for file, names in by_file.items():
+        with open_safetensors(file) as f:
+            stored = set(f.keys())
+            for name in names:
+                if name not in stored:
+                    raise CheckpointError(f"{file}: the index lists tensor {name} in this file, which does not hold it")
+                sl = f.get_slice(name)
+                shape, kind = tuple(sl.get_shape()), sl.get_dtype()
+                if name.endswith(SCALE_SUFFIX):
+                    weight = name[: -len(SCALE_SUFFIX)]
+                    want = tuple(-(-d // BLOCK) for d in expected.get(copies.get(weight, weight), ()))
+                    if shape != want:
+                        raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {want} (one scale "
+                                              f"per {BLOCK} x {BLOCK} block of {weight})")
+                    if kind not in ("F32", "F64", "BF16", "F16"):
+                        raise CheckpointError(f"{file}: tensor {name} has dtype {kind}, expected F32")
+                    present.add(name)
+                    continue
+                want = expected[copies.get(name, name)]
+                if shape != want:
+                    raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {want} "
+                                          f"from config.json")
+                allowed = _FLOAT_DTYPES | ({"F8_E4M3"} if name in fp8_weights else set())
+                if kind not in allowed:
+                    hint = " (an FP8 weight needs its weight_scale_inv)" if kind.startswith("F8") else ""
+                    raise CheckpointError(f"{file}: tensor {name} has dtype {kind}, expected one of "
+                                          f"{sorted(allowed)}{hint}")
+                present.add(name)
+    missing = sorted(set(expected) - present)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{path}: missing tensor(s) {shown}")
 
-    loaded = set()
+    # 2. Allocate, read, check values, copy.
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    targets = model.state_dict()
     copy_values = {}
     with torch.no_grad():
         for file, names in by_file.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
+            with open_safetensors(file) as f:
                 for name in names:
-                    sl = f.get_slice(name)
-                    shape, kind = tuple(sl.get_shape()), sl.get_dtype()
-                    if name.endswith(_SCALE):
+                    if name.endswith(SCALE_SUFFIX):
                         continue  # read with its weight
-                    want = tuple(targets[copies.get(name, name)].shape)
-                    if shape != want:
-                        raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {want} "
-                                              f"from config.json")
-                    allowed = _FLOAT_DTYPES | ({"F8_E4M3"} if name in fp8_weights else set())
-                    if kind not in allowed:
-                        hint = " (an FP8 weight needs its weight_scale_inv)" if kind.startswith("F8") else ""
-                        raise CheckpointError(f"{file}: tensor {name} has dtype {kind}, expected one of "
-                                              f"{sorted(allowed)}{hint}")
-                    value = f.get_tensor(name)
+                    value = read_tensor(f, file, name)
+                    if check_finite_values:
+                        check_finite(value, file, name)
                     if name in fp8_weights:
-                        scale = _read_scale(files, name, shape)
+                        scale = read_scale(files, name, tuple(value.shape))
                         if gemm_impl == "fp8":
-                            targets[name + _SCALE].copy_(scale)
-                            loaded.add(name + _SCALE)
+                            targets[name + SCALE_SUFFIX].copy_(scale)
                         else:
                             value = dequantize_weight(value, scale, dtype=dtype)
+                            if check_finite_values:
+                                check_finite(value, file, f"{name} (dequantized to {dtype})")
                     if name in copies:
                         copy_values[name] = (file, value)
                     else:
                         targets[name].copy_(value)
-                        loaded.add(name)
-        missing = sorted(set(targets) - loaded)
-        if missing:
-            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise CheckpointError(f"{path}: missing tensor(s) {shown}")
         for name, (file, value) in copy_values.items():
             main = targets[copies[name]]
             if not torch.equal(value.to(main.dtype), main):
@@ -297,16 +410,20 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl=
     return model.eval()
 
 
-def _read_scale(files: dict[str, Path], weight: str, weight_shape: tuple[int, ...]) -> torch.Tensor:
-    """The weight_scale_inv of an FP8 weight, checked: float32-compatible, block-shaped, finite, positive."""
-    name = weight + _SCALE
+def read_scale(files: dict[str, Path], weight: str, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """The weight_scale_inv of an FP8 weight of shape weight_shape, checked: one per 128 x 128 block,
+    finite, positive, and small enough that E4M3's largest value times it stays finite in float32."""
+    name = weight + SCALE_SUFFIX
     file = files[name]
-    with safe_open(file, framework="pt", device="cpu") as f:
-        scale = f.get_tensor(name)
-    expected = tuple(-(-d // 128) for d in weight_shape)
+    with open_safetensors(file) as f:
+        scale = read_tensor(f, file, name)
+    expected = tuple(-(-d // BLOCK) for d in weight_shape)
     if tuple(scale.shape) != expected:
         raise CheckpointError(f"{file}: tensor {name} has shape {tuple(scale.shape)}, expected {expected} "
-                              f"(one scale per 128 x 128 block of {weight}, shape {weight_shape})")
+                              f"(one scale per {BLOCK} x {BLOCK} block of {weight}, shape {tuple(weight_shape)})")
     if not scale.is_floating_point() or not torch.isfinite(scale).all() or not (scale > 0).all():
         raise CheckpointError(f"{file}: tensor {name} must hold finite positive float scales")
+    if not torch.isfinite(scale.float() * E4M3_MAX).all():
+        raise CheckpointError(f"{file}: tensor {name} holds scales up to {scale.max().item():.3g}: times E4M3's "
+                              f"largest value {E4M3_MAX:g} that overflows float32")
     return scale.float()

@@ -26,6 +26,22 @@ class CliError(Exception):
     """A problem with the user's input: printed as `error: ...`, exit status 2."""
 
 
+# What a user's input can cause: a bad checkpoint, config, argument or file (each message names it),
+# or a model whose arithmetic produces NaN. Printed as `error: ...` with exit status 2, no traceback.
+USER_ERRORS = (CliError, ValueError, TypeError, OSError, FloatingPointError)
+
+
+def _seed(text: str) -> int:
+    """argparse type of --seed: an integer in [0, 2**64), which torch's generators accept."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, found {text!r}") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), found {value}")
+    return value
+
+
 def load_for_text(ckpt_path: str | None, seed: int = 0) -> tuple[DeepseekV3, Tokenizer, str]:
     """The model and tokenizer of a checkpoint folder, or the embedded default."""
     if ckpt_path is None:
@@ -175,7 +191,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="run the embedded tiny model end to end")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.set_defaults(func=demo)
     p = sub.add_parser("generate", help="generate a reply to one prompt, streaming it")
     p.add_argument("--prompt", required=True)
@@ -202,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=0.0)
     p.set_defaults(func=compare_cmd)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except CliError as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsv3ref.atomic import atomic_write_text
+
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 
@@ -43,6 +45,8 @@ class RopeScaling:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RopeScaling | None:
+        if not isinstance(d, dict):
+            raise ValueError(f"config field rope_scaling: found {d!r}, expected an object (YaRN parameters) or null")
         kind = d.get("type", d.get("rope_type", "yarn"))
         if kind == "default":
             return None
@@ -174,6 +178,31 @@ class ModelConfig:
         def fail(name: str, found: Any, expected: str) -> None:
             raise ValueError(f"config field {name}: found {found!r}, expected {expected}")
 
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v: Any) -> bool:  # JSON numbers: int or float, finite (json reads Infinity and NaN)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("norm_topk_prob", "tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "true or false")
+        for name in ("routed_scaling_factor", "rms_norm_eps", "rope_theta", "initializer_range"):
+            if not is_number(getattr(self, name)):
+                fail(name, getattr(self, name), "a finite number")
+        for name in ("scoring_func", "topk_method", "hidden_act"):
+            if not isinstance(getattr(self, name), str):
+                fail(name, getattr(self, name), "a string")
+        if self.bos_token_id is not None and not (is_int(self.bos_token_id) and self.bos_token_id >= 0):
+            fail("bos_token_id", self.bos_token_id, "a token id (integer >= 0) or null")
+        eos = self.eos_token_id if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+        if self.eos_token_id is not None and not all(is_int(t) and t >= 0 for t in eos):
+            fail("eos_token_id", self.eos_token_id, "a token id (integer >= 0), a list of them, or null")
+        if self.quantization_config is not None and not isinstance(self.quantization_config, dict):
+            fail("quantization_config", self.quantization_config, "an object or null")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            fail("rope_scaling", self.rope_scaling, "an object (YaRN parameters) or null")
+
         positive = [
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
@@ -188,7 +217,7 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(name, value, "a non-negative integer")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+        if self.q_lora_rank is not None and (not is_int(self.q_lora_rank) or self.q_lora_rank <= 0):
             fail("q_lora_rank", self.q_lora_rank, "a positive integer or null")
         if self.num_key_value_heads != self.num_attention_heads:
             fail("num_key_value_heads", self.num_key_value_heads,
@@ -205,8 +234,6 @@ class ModelConfig:
             fail("rms_norm_eps", self.rms_norm_eps, "a positive number")
         if not self.rope_theta > 0:
             fail("rope_theta", self.rope_theta, "a positive number")
-        if not (isinstance(self.routed_scaling_factor, (int, float)) and math.isfinite(self.routed_scaling_factor)):
-            fail("routed_scaling_factor", self.routed_scaling_factor, "a finite number")
         if self.n_routed_experts > 0:
             if self.n_routed_experts % self.n_group:
                 fail("n_routed_experts", self.n_routed_experts, f"a multiple of n_group={self.n_group}")
@@ -221,9 +248,12 @@ class ModelConfig:
                      "at most n_routed_experts / 2 (noaux_tc ranks a group by its two best experts)")
         rs = self.rope_scaling
         if rs is not None:
+            for name in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                if not is_number(getattr(rs, name)):
+                    fail(f"rope_scaling.{name}", getattr(rs, name), "a finite number")
             if not rs.factor > 0:
                 fail("rope_scaling.factor", rs.factor, "a positive number")
-            if not (isinstance(rs.original_max_position_embeddings, int) and rs.original_max_position_embeddings > 0):
+            if not (is_int(rs.original_max_position_embeddings) and rs.original_max_position_embeddings > 0):
                 fail("rope_scaling.original_max_position_embeddings", rs.original_max_position_embeddings,
                      "a positive integer")
             if not rs.beta_fast > rs.beta_slow > 0:
@@ -288,8 +318,6 @@ class ModelConfig:
 
     def save(self, path: str | Path) -> None:
         """Write config.json into folder `path` (atomically: a temporary name, then a rename)."""
-        from dsv3ref.checkpoint import atomic_write_text
-
         atomic_write_text(Path(path) / "config.json", json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def replace(self, **changes: Any) -> ModelConfig:

@@ -3,119 +3,211 @@
     python -m dsv3ref.convert fp8-to-bf16 SRC DST      # dequantize: weight_block * weight_scale_inv
     python -m dsv3ref.convert bf16-to-fp8 SRC DST      # quantize the linear layers DeepSeek-V3 ships in FP8
 
-Each shard of SRC is read, converted and written to DST under a temporary name, renamed when
-complete, and dropped from memory before the next one, so peak memory depends on the shard size,
-not the checkpoint's (tested: 2-4 shard sizes, counting the mapped shard and what is read from it). A
-weight whose scale sits in another shard is paired through a lazy read of that one tensor. The
-index (`weight_map`) and config.json (`quantization_config`) are rewritten; other files (tokenizer,
-generation config) are copied. SRC is only read.
+Each shard of SRC is read, converted and written, then dropped from memory before the next one, so
+peak memory depends on the shard size, not the checkpoint's (tested: 2-4 shard sizes, counting the
+mapped shard and what is read from it). A weight whose scale sits in another shard is paired
+through a lazy read of that one tensor. The index (`weight_map`) and config.json
+(`quantization_config`) are rewritten; other files (tokenizer, generation config) are copied.
+
+Nothing is lost and nothing half-done is left where a loader would find it:
+- SRC is only read; DST must not exist or be empty, and must not lie inside SRC.
+- Everything is written into a sibling folder `.DST.converting` (with a `conversion.json` saying
+  what is being converted) and renamed to DST when complete: DST either is a whole checkpoint or
+  does not exist. Killed mid-way, a rerun of the same command resumes: shards already written (each
+  one is itself written under a temporary name and renamed) are kept, temporary files are removed.
+- Every tensor is checked as the loader checks it, before it is written: weights finite, scales
+  finite, positive and block-shaped; shard names plain and distinct. A failed check removes the
+  sibling folder and names the file and tensor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from tqdm import tqdm
 
-from dsv3ref.checkpoint import INDEX_FILE, atomic_save_tensors, atomic_write_text, tensor_files
-from dsv3ref.fp8 import dequantize_weight, quantize_weight
+from dsv3ref.atomic import atomic_save_tensors, atomic_write, atomic_write_text, is_plain_name, remove_temporaries
+from dsv3ref.checkpoint import (
+    INDEX_FILE,
+    CheckpointError,
+    check_finite,
+    open_safetensors,
+    read_scale,
+    read_tensor,
+    tensor_files,
+)
+from dsv3ref.fp8 import E4M3, QUANTIZATION_CONFIG, SCALE_SUFFIX, dequantize_weight, quantize_weight
 
 # The linear layers stored in FP8 in the DeepSeek-V3 release: attention projections, dense MLPs,
 # routed and shared experts. Embeddings, norms, routers, eh_proj and heads stay in high precision.
 FP8_LINEAR = re.compile(r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
                         r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj))\.weight$")
-SCALE = "_scale_inv"
-FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+DIRECTIONS = ("fp8-to-bf16", "bf16-to-fp8")
+MANIFEST = "conversion.json"
 
 
-def _progress(i: int, n: int, name: str, out) -> None:
-    width = 30
-    done = width * i // n
-    out.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {name}")
-    if i == n:
-        out.write("\n")
-    out.flush()
+def _work_folder(dst: Path) -> Path:
+    return dst.parent / f".{dst.name}.converting"
+
+
+def _check_destination(src: Path, dst: Path) -> None:
+    s, d = src.resolve(), dst.resolve()
+    if d == s or s in d.parents:
+        raise ValueError(f"DST: {dst} lies inside the source folder {src}; SRC is only read, write elsewhere")
+    if d in s.parents:
+        raise ValueError(f"DST: {dst} contains the source folder {src}; write the conversion elsewhere")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"DST: {dst} exists and is not a folder")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"DST: {dst} is not empty; refusing to write into it (give a new or empty folder)")
+
+
+def _shard_names(src: Path, files: dict[str, Path]) -> list[Path]:
+    """SRC's shard files, checked to be plain names in SRC, so that each is written to its own DST file."""
+    shards = sorted(set(files.values()))
+    for shard in shards:
+        rel = shard.relative_to(src).as_posix()
+        if not is_plain_name(rel):
+            raise CheckpointError(f"{src / INDEX_FILE}: shard {rel!r} is not a plain file name in {src}; the "
+                                  "converter writes each shard under its name in DST and needs them flat and distinct")
+    return shards
+
+
+def _start(work: Path, manifest: dict) -> set[str]:
+    """Create the work folder, or resume the same conversion in it; return the shards already written."""
+    if work.exists():
+        try:
+            previous = json.loads((work / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            raise FileExistsError(f"{work}: exists but holds no {MANIFEST} from this converter; remove it") from None
+        if previous == manifest:
+            remove_temporaries(work)
+            return {name for name in manifest["shards"] if (work / name).is_file()}
+        shutil.rmtree(work)  # a different conversion into the same DST, interrupted: start over
+    work.mkdir(parents=True)
+    atomic_write_text(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return set()
+
+
+def _convert_shard(shard: Path, files: dict[str, Path], direction: str, scale_fmt: str | None
+                   ) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    with open_safetensors(shard) as f:
+        for name in f.keys():
+            if direction == "fp8-to-bf16" and name.endswith(SCALE_SUFFIX):
+                continue  # read with its weight
+            t = read_tensor(f, shard, name)
+            check_finite(t, shard, name)
+            if direction == "fp8-to-bf16":
+                if t.dtype == E4M3:
+                    if name + SCALE_SUFFIX not in files:
+                        raise CheckpointError(f"{shard}: FP8 tensor {name} has no {name + SCALE_SUFFIX}")
+                    t = dequantize_weight(t, read_scale(files, name, tuple(t.shape)), dtype=torch.bfloat16)
+                    check_finite(t, shard, f"{name} (dequantized)")
+                out[name] = t
+            elif FP8_LINEAR.search(name) and t.dim() == 2:
+                out[name], out[name + SCALE_SUFFIX] = quantize_weight(t, scale_fmt=scale_fmt)
+            else:
+                out[name] = t
+    return out
 
 
 def convert(src: str | Path, dst: str | Path, direction: str, scale_fmt: str | None = None, progress=None) -> None:
     """Convert the checkpoint in folder src into folder dst ("fp8-to-bf16" or "bf16-to-fp8").
 
-    progress: a text stream for a progress bar (one step per shard), or None for silence.
+    progress: a text stream for a progress bar (tqdm: bytes of SRC done, rate, time left), or None.
     """
-    if direction not in ("fp8-to-bf16", "bf16-to-fp8"):
-        raise ValueError(f"direction: found {direction!r}, expected 'fp8-to-bf16' or 'bf16-to-fp8'")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction: found {direction!r}, expected one of {DIRECTIONS}")
+    if scale_fmt not in (None, "ue8m0"):
+        raise ValueError(f"scale_fmt: found {scale_fmt!r}, expected None or 'ue8m0'")
     src, dst = Path(src), Path(dst)
-    files = tensor_files(src)  # also checks that src is a checkpoint folder
-    config = json.loads((src / "config.json").read_text())
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"DST: {dst} is the source folder; write the conversion elsewhere")
-    if dst.exists() and (any(dst.glob("*.safetensors")) or (dst / INDEX_FILE).exists()):
-        raise FileExistsError(f"DST: {dst} already holds a checkpoint; refusing to overwrite it")
+    files = tensor_files(src)  # also checks that src is a checkpoint folder and its index stays inside it
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{src / 'config.json'}: cannot be read as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{src / 'config.json'}: expected a JSON object, found {type(config).__name__}")
+    _check_destination(src, dst)
+    shards = _shard_names(src, files)
     is_fp8 = (config.get("quantization_config") or {}).get("quant_method") == "fp8"
     if direction == "fp8-to-bf16" and not is_fp8:
         raise ValueError(f"SRC: {src / 'config.json'} has no FP8 quantization_config; nothing to dequantize")
     if direction == "bf16-to-fp8" and is_fp8:
         raise ValueError(f"SRC: {src / 'config.json'} is already FP8")
 
-    def scale_of(name: str) -> torch.Tensor:
-        if name + SCALE not in files:
-            raise ValueError(f"{files[name]}: FP8 tensor {name} has no {name + SCALE}")
-        with safe_open(files[name + SCALE], framework="pt") as f:
-            return f.get_tensor(name + SCALE)
-
-    dst.mkdir(parents=True, exist_ok=True)
-    shards = sorted(set(files.values()))
+    work = _work_folder(dst)
+    manifest = {"source": str(src.resolve()), "direction": direction, "scale_fmt": scale_fmt,
+                "shards": [s.name for s in shards]}
+    done = _start(work, manifest)
     weight_map: dict[str, str] = {}
     total_size = 0
-    for i, shard in enumerate(shards, 1):
-        out: dict[str, torch.Tensor] = {}
-        with safe_open(shard, framework="pt") as f:
-            for name in f.keys():
-                if direction == "fp8-to-bf16":
-                    if name.endswith(SCALE):
-                        continue
-                    t = f.get_tensor(name)
-                    if t.dtype == torch.float8_e4m3fn:
-                        t = dequantize_weight(t, scale_of(name), dtype=torch.bfloat16)
-                    out[name] = t
-                else:
-                    t = f.get_tensor(name)
-                    if FP8_LINEAR.search(name) and t.dim() == 2:
-                        out[name], out[name + SCALE] = quantize_weight(t, scale_fmt=scale_fmt)
-                    else:
-                        out[name] = t
-        atomic_save_tensors(dst / shard.name, out)
-        weight_map.update(dict.fromkeys(out, shard.name))
-        total_size += sum(t.numel() * t.element_size() for t in out.values())
-        del out
-        if progress is not None:
-            _progress(i, len(shards), shard.name, progress)
+    bar = tqdm(total=sum(s.stat().st_size for s in shards), unit="B", unit_scale=True, unit_divisor=1024,
+               desc=f"{direction} {src.name}", file=progress, disable=progress is None, dynamic_ncols=True)
+    try:
+        for shard in shards:
+            bar.set_postfix_str(shard.name)
+            target = work / shard.name
+            if shard.name in done:  # written by an interrupted run of the same conversion
+                with open_safetensors(target) as f:
+                    for name in f.keys():
+                        weight_map[name] = shard.name
+                        sl = f.get_slice(name)
+                        total_size += _nbytes(sl.get_shape(), sl.get_dtype())
+            else:
+                out = _convert_shard(shard, files, direction, scale_fmt)
+                atomic_save_tensors(target, out)
+                weight_map.update(dict.fromkeys(out, shard.name))
+                total_size += sum(t.numel() * t.element_size() for t in out.values())
+                del out
+            bar.update(shard.stat().st_size)
+    except CheckpointError:
+        bar.close()
+        shutil.rmtree(work)  # bad input: nothing of this conversion is kept
+        raise
+    bar.close()
+
     if (src / INDEX_FILE).exists():
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        atomic_write_text(dst / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        atomic_write_text(work / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+    for other in src.iterdir():
+        if other.is_file() and other.suffix != ".safetensors" and other.name not in (INDEX_FILE, "config.json"):
+            atomic_write(work / other.name, lambda tmp, other=other: shutil.copyfile(other, tmp))
     if direction == "fp8-to-bf16":
         config.pop("quantization_config", None)
         config["torch_dtype"] = "bfloat16"
     else:
-        config["quantization_config"] = dict(FP8_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt else {}))
-    atomic_write_text(dst / "config.json", json.dumps(config, indent=2) + "\n")
-    for other in src.iterdir():
-        if other.is_file() and other.suffix != ".safetensors" and other.name not in (INDEX_FILE, "config.json"):
-            tmp = dst / f".{other.name}.tmp"
-            shutil.copy2(other, tmp)
-            tmp.replace(dst / other.name)
+        config["quantization_config"] = dict(QUANTIZATION_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt else {}))
+    atomic_write_text(work / "config.json", json.dumps(config, indent=2) + "\n")
+    (work / MANIFEST).unlink()
+    if dst.exists():
+        dst.rmdir()  # empty (checked above)
+    os.rename(work, dst)
+
+
+_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+          "BOOL": 1}
+
+
+def _nbytes(shape, dtype: str) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * _BYTES[dtype]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsv3ref.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("direction", choices=["fp8-to-bf16", "bf16-to-fp8"])
+    parser.add_argument("direction", choices=DIRECTIONS)
     parser.add_argument("src", help="source checkpoint folder (read only)")
     parser.add_argument("dst", help="destination folder (new, or empty)")
     parser.add_argument("--scale-fmt", choices=["ue8m0"], default=None,
@@ -123,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         convert(args.src, args.dst, args.direction, scale_fmt=args.scale_fmt, progress=sys.stderr)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.dst}")

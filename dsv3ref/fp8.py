@@ -35,6 +35,10 @@ E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 BLOCK = 128
 AMAX_FLOOR = 1e-4
+SCALE_SUFFIX = "_scale_inv"  # checkpoint name of a weight's block scales: "x.weight" + SCALE_SUFFIX
+QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                       "weight_block_size": [BLOCK, BLOCK]}
+"""config.json's `quantization_config` of a checkpoint in this format (DeepSeek-V3's release)."""
 
 
 def _pad_to(x: torch.Tensor, dims: tuple[int, ...], block: int) -> torch.Tensor:

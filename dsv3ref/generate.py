@@ -60,6 +60,8 @@ def _prompts(input_ids, attention_mask) -> list[list[int]]:
             input_ids = input_ids[None]
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape (batch, seq), found {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids: expected integer token ids, found dtype {input_ids.dtype}")
         if attention_mask is None:
             return input_ids.tolist()
         if attention_mask.shape != input_ids.shape:
@@ -75,7 +77,19 @@ def _prompts(input_ids, attention_mask) -> list[list[int]]:
         return rows
     if attention_mask is not None:
         raise ValueError("attention_mask: only meaningful with a padded input_ids tensor")
-    return [list(map(int, row.tolist() if isinstance(row, torch.Tensor) else row)) for row in input_ids]
+    rows = []
+    for b, row in enumerate(input_ids):
+        if isinstance(row, torch.Tensor):
+            if row.dtype.is_floating_point or row.dtype == torch.bool:
+                raise TypeError(f"input_ids: row {b} holds dtype {row.dtype}, expected integer token ids")
+            row = row.tolist()
+        if isinstance(row, (str, bytes)):
+            raise TypeError(f"input_ids: row {b} is text ({row[:20]!r}); encode it with a Tokenizer first")
+        for i, tok in enumerate(row):
+            if isinstance(tok, bool) or not isinstance(tok, int):
+                raise TypeError(f"input_ids: row {b}, position {i}: expected an integer token id, found {tok!r}")
+        rows.append(list(row))
+    return rows
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -101,6 +115,9 @@ class _Sampler:
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution a token is drawn from, (..., vocab) float32+ (one-hot at temperature 0)."""
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("generate: the model's logits are not finite (NaN or Inf), so no token can be "
+                                     "chosen; the weights or the model's arithmetic produce non-finite values")
         if self.temperature == 0:
             return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         return _filter_logits(logits.float() / self.temperature, self.top_k, self.top_p).softmax(-1)
@@ -280,6 +297,8 @@ def generate(
         extra = f" + {depth} draft position(s)" if depth else ""
         raise ValueError(f"max_new_tokens: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens}{extra} "
                          f"exceeds max_position_embeddings={limit}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed: expected an integer in [0, 2**64), found {seed!r}")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)

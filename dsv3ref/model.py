@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import nn
 
 from dsv3ref.block import DecoderLayer
-from dsv3ref.cache import CACHE_KIND_FOR_ATTN, KVCache
+from dsv3ref.cache import CACHE_KIND_FOR_ATTN, KVCache, cache_shapes
 from dsv3ref.config import ModelConfig
 from dsv3ref.mla import ATTN_IMPLS
 from dsv3ref.moe import MOE_IMPLS
@@ -105,6 +105,8 @@ class DeepseekV3(nn.Module):
             raise ValueError(f"input_ids: expected shape (batch, seq), found {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise ValueError(f"input_ids: expected an integer tensor, found dtype {input_ids.dtype}")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids: the batch is empty (shape[0] == 0)")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids: the sequence is empty (shape[1] == 0)")
         lo, hi = int(input_ids.min()), int(input_ids.max())
@@ -122,9 +124,33 @@ class DeepseekV3(nn.Module):
         return KVCache(self.config, batch_size, max_seq_len, CACHE_KIND_FOR_ATTN[self.attn_impl],
                        dtype=dtype or self.dtype, device=device or self.device, n_layers=len(self.model.layers))
 
-    def _positions(self, input_ids: torch.Tensor, cache: KVCache | None, start_pos) -> torch.Tensor:
-        """(b, t) absolute positions of the chunk; checks them against the limits."""
+    def _check_cache(self, cache: KVCache, b: int) -> None:
+        """Raise a clear error for a cache that was not made by this model's `new_cache`."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache: expected a KVCache (model.new_cache), found {type(cache).__name__}")
+        want = CACHE_KIND_FOR_ATTN[self.attn_impl]
+        if cache.kind != want:
+            raise ValueError(f"cache: found a {cache.kind!r} cache, attn_impl={self.attn_impl!r} needs a "
+                             f"{want!r} one (make it with model.new_cache)")
+        if cache.batch_size != b:
+            raise ValueError(f"cache: made for batch_size={cache.batch_size}, input_ids has batch {b}")
+        shapes = cache_shapes(self.config, cache.kind, cache.batch_size, cache.max_seq_len)
+        if len(cache.layers) != len(self.model.layers) or cache.shapes() != shapes:
+            raise ValueError(f"cache: made for another config ({len(cache.layers)} layers of {cache.shapes()}); this "
+                             f"model needs {len(self.model.layers)} layers of {shapes} (make it with model.new_cache)")
+        if cache.dtype != self.dtype or cache.device != self.device:
+            raise ValueError(f"cache: holds {cache.dtype} on {cache.device}, the model computes in {self.dtype} on "
+                             f"{self.device} (make it with model.new_cache)")
+
+    def _positions(self, input_ids: torch.Tensor, cache: KVCache | None, start_pos, layer: int = 0) -> torch.Tensor:
+        """(b, t) absolute positions of the chunk; checks them against the limits, and against what
+        cache layer `layer` (the first one the chunk goes through) holds already."""
         b, t = input_ids.shape
+        if isinstance(start_pos, torch.Tensor):
+            if start_pos.dtype.is_floating_point or start_pos.dtype.is_complex or start_pos.dtype == torch.bool:
+                raise TypeError(f"start_pos: expected an integer tensor, found dtype {start_pos.dtype}")
+        elif isinstance(start_pos, bool) or not isinstance(start_pos, int):
+            raise TypeError(f"start_pos: expected an int or an integer tensor of shape ({b},), found {start_pos!r}")
         start = torch.as_tensor(start_pos, dtype=torch.long, device=input_ids.device)
         if start.dim() > 1 or (start.dim() == 1 and start.shape[0] != b):
             raise ValueError(f"start_pos: expected an int or a tensor of shape ({b},), found shape "
@@ -138,20 +164,21 @@ class DeepseekV3(nn.Module):
             raise ValueError(f"input_ids: positions up to {end - 1} exceed max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         if cache is not None:
-            want = CACHE_KIND_FOR_ATTN[self.attn_impl]
-            if cache.kind != want:
-                raise ValueError(f"cache: found a {cache.kind!r} cache, attn_impl={self.attn_impl!r} needs a "
-                                 f"{want!r} one (make it with model.new_cache)")
-            if cache.batch_size != b:
-                raise ValueError(f"cache: made for batch_size={cache.batch_size}, input_ids has batch {b}")
+            self._check_cache(cache, b)
             if end > cache.max_seq_len:
                 raise ValueError(f"cache: positions up to {end - 1} requested, but the cache holds "
                                  f"max_seq_len={cache.max_seq_len} positions")
+            gap = positions[:, 0] > cache.filled[layer].to(positions.device)  # (b,)
+            if bool(gap.any()):
+                row = int(gap.nonzero()[0])
+                raise ValueError(f"start_pos: row {row} starts at position {int(positions[row, 0])}, but the cache "
+                                 f"holds only its first {int(cache.filled[layer, row])} positions; feed the tokens "
+                                 "before it first (its attention would read empty cache slots)")
         return positions
 
-    def _attention_inputs(self, input_ids, cache, start_pos, dtype):
+    def _attention_inputs(self, input_ids, cache, start_pos, dtype, layer: int = 0):
         """positions (b, t), cos/sin (b, t, rope/2) and the mask for a chunk (see `MLA.forward`)."""
-        positions = self._positions(input_ids, cache, start_pos)  # (b, t)
+        positions = self._positions(input_ids, cache, start_pos, layer)  # (b, t)
         cos, sin = self.rotary(positions, dtype)  # (b, t, rope/2) each
         if cache is None:  # keys are the chunk itself
             mask = rearrange(positions, "b s -> b 1 s") <= rearrange(positions, "b t -> b t 1")  # (b, t, t)
@@ -169,6 +196,8 @@ class DeepseekV3(nn.Module):
         positions, cos, sin, mask = self._attention_inputs(input_ids, cache, start_pos, x.dtype)
         for i, layer in enumerate(self.decoder_layers):
             x = layer(x, cos, sin, mask, positions, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.mark_filled(range(self.config.num_hidden_layers), positions)
         return self.model.norm(x)
 
     def mtp_hidden_states(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor,
@@ -182,10 +211,13 @@ class DeepseekV3(nn.Module):
             raise ValueError(f"hidden: expected shape {tuple(next_ids.shape)} + (dim,) like next_ids, found "
                              f"{tuple(hidden.shape)}")
         layer = self.mtp_layers[depth - 1]
+        index = self.config.num_hidden_layers + depth - 1  # its place in model.layers and in the cache
         embeds = self.model.embed_tokens(next_ids.long())
-        positions, cos, sin, mask = self._attention_inputs(next_ids, cache, start_pos, embeds.dtype)
-        layer_cache = None if cache is None else cache.layers[self.config.num_hidden_layers + depth - 1]
-        return layer(hidden, embeds, cos, sin, mask, positions, layer_cache)
+        positions, cos, sin, mask = self._attention_inputs(next_ids, cache, start_pos, embeds.dtype, index)
+        out = layer(hidden, embeds, cos, sin, mask, positions, None if cache is None else cache.layers[index])
+        if cache is not None:
+            cache.mark_filled(range(index, index + 1), positions)
+        return out
 
     def mtp_logits(self, depth: int, mtp_hidden: torch.Tensor) -> torch.Tensor:
         """Logits (b, t, vocab) of MTP module `depth` from its output h^depth: the shared head after
@@ -238,14 +270,19 @@ class DeepseekV3(nn.Module):
         moe_impl: str = "loop",
         gemm_impl: str = "bf16",
         fp8_kernel: str = "emulate",
+        check_finite: bool = True,
     ) -> DeepseekV3:
         """Load a checkpoint folder (config.json + model.safetensors or shards with an index).
 
         For FP8 checkpoints, gemm_impl "bf16" dequantizes the weights on load (to `dtype`) and "fp8"
         keeps them in FP8 and runs the block-scaled FP8 GEMM (see dsv3ref.fp8), emulated exactly
         (fp8_kernel "emulate") or through torch's scaled_mm ("scaled_mm": a CPU, or an SM90 GPU).
+
+        Names, shapes and dtypes are checked from the file headers before any weight memory is
+        allocated; every weight is checked to be finite as it is read (one pass over each tensor,
+        a small fraction of the time to read it; check_finite=False skips it).
         """
         from dsv3ref.checkpoint import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device, attn_impl=attn_impl, moe_impl=moe_impl,
-                               gemm_impl=gemm_impl, fp8_kernel=fp8_kernel)
+                               gemm_impl=gemm_impl, fp8_kernel=fp8_kernel, check_finite_values=check_finite)

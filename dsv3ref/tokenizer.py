@@ -8,22 +8,79 @@ downloaded.
 
 Chat templates are rendered the way Hugging Face transformers renders them (a sandboxed Jinja
 environment with trim_blocks, lstrip_blocks and loop controls, `raise_exception` and a `tojson`
-filter), so a checkpoint's own template gives the same prompt in both.
+filter), so a checkpoint's own template gives the same prompt in both. A template comes with the
+checkpoint, so it is untrusted: besides the sandbox (no attribute access to Python internals, no
+file or network access), rendering is bounded in output size, loop steps and time
+(`TEMPLATE_LIMITS`), and a template that exceeds them gets a clear error instead of running on.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TEMPLATE_LIMITS = {"chars": 4_000_000, "loop_steps": 1_000_000, "seconds": 10.0}
+"""Bounds on rendering one chat template: characters of output (and of any string or list it
+builds with * or +), iterations of `range` loops, wall-clock seconds."""
+
+
+class _RenderBudget:
+    """The loop steps and time one rendering may spend."""
+
+    def __init__(self):
+        self.deadline = time.monotonic() + TEMPLATE_LIMITS["seconds"]
+        self.steps = 0
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise ValueError(f"chat template: rendering took more than {TEMPLATE_LIMITS['seconds']:g} s; stopped")
+
+    def range(self, *args: int) -> Iterator[int]:
+        """`range` for templates: every step counts against the budget."""
+        for i in range(*args):
+            self.steps += 1
+            if self.steps > TEMPLATE_LIMITS["loop_steps"]:
+                raise ValueError(f"chat template: loops ran more than {TEMPLATE_LIMITS['loop_steps']:,} steps; stopped")
+            if self.steps % 1024 == 0:
+                self.check_time()
+            yield i
+
+
+def _sandbox() -> ImmutableSandboxedEnvironment:
+    """HF's sandboxed environment, with * + ** checked so that no operation builds a huge value."""
+
+    class LimitedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "+", "**"})
+
+        def call_binop(self, context, operator, left, right):
+            limit = TEMPLATE_LIMITS["chars"]
+            size = None
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                        size = len(seq) * n
+            elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                size = len(left) + len(right)
+            elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+                size = right  # a power's digits grow with the exponent
+            if size is not None and size > limit:
+                raise ValueError(f"chat template: an operation '{operator}' would build a value of size {size:,} "
+                                 f"(more than {limit:,}); stopped")
+            return super().call_binop(context, operator, left, right)
+
+    return LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
 
 
 def _token_text(value: Any) -> str | None:
@@ -129,9 +186,6 @@ class Tokenizer:
     # ------------------------------------------------------------------ chat
     @cached_property
     def _template(self):
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         if not self.chat_template:
             raise ValueError(f"{self.source}: tokenizer_config.json has no chat_template")
 
@@ -141,7 +195,7 @@ class Tokenizer:
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env = _sandbox()
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         return env.from_string(self.chat_template)
@@ -154,9 +208,23 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise ValueError(f"messages[{i}]: expected a dict with a 'role' (and 'content'), found {m!r}")
-        text = self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token,
-                                     **kwargs)
+        budget = _RenderBudget()
+        variables = dict(bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token, **kwargs)
+        pieces, size = [], 0
+        try:
+            for piece in self._template.generate(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                                 range=budget.range, **variables):
+                pieces.append(piece)
+                size += len(piece)
+                if size > TEMPLATE_LIMITS["chars"]:
+                    raise ValueError(f"chat template: output longer than {TEMPLATE_LIMITS['chars']:,} characters; "
+                                     "stopped")
+                budget.check_time()
+        except RecursionError:
+            raise ValueError("chat template: recursion too deep (a macro calling itself without end?)") from None
+        except TemplateError as e:  # a syntax error, or what the sandbox refused
+            raise ValueError(f"chat template: {type(e).__name__}: {e}") from None
+        text = "".join(pieces)
         return self.encode(text) if tokenize else text
 
 

@@ -132,7 +132,7 @@ def test_folder_errors(tmp_path, saved):
 
 def test_failed_save_leaves_no_partial_file(saved, tmp_path, monkeypatch):
     model, _ = saved
-    import dsv3ref.checkpoint as ck
+    import dsv3ref.atomic as ck
 
     def boom(tensors, filename, metadata=None):
         open(filename, "wb").write(b"partial")

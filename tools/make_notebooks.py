@@ -236,9 +236,10 @@ def decode_ms(model, order, context, steps=4):
     for layer in model.model.layers:
         layer.self_attn.order = order
     cache = model.new_cache(1, context + 1)
-    for layer in cache.layers:
+    for layer in cache.layers:  # random latents stand in for a prefill of `context` tokens
         for t in layer.values():
             t.normal_()
+    cache.filled.fill_(context)
     token = torch.tensor([[1]])
     best = float("inf")
     with torch.inference_mode():

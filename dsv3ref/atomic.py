@@ -1,0 +1,70 @@
+"""Writing files so that a reader never sees a half-written one.
+
+Every file dsv3ref writes goes to a temporary name in the same folder and is renamed into place
+once complete: a rename within a folder is atomic, so the final name holds either the old file or
+the new one. Temporary files are created like any new file (mode 0666 less the umask), so a
+checkpoint written here is readable by whoever the umask allows, as with `cp` or `torch.save`.
+Their names start with "." and end with ".tmp"; `remove_temporaries` clears what a killed writer
+left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+TMP_SUFFIX = ".tmp"
+
+
+def _temporary_name(path: Path) -> Path:
+    return path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) with a new temporary file beside `path`, then rename it to `path`.
+
+    The temporary file is removed if write fails or is interrupted by an exception.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777  # 0666 less the umask, as for any new file
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)  # a writer that replaced the file (safetensors writes it 0600) gets the same mode
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a safetensors file atomically."""
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def remove_temporaries(folder: str | Path) -> list[str]:
+    """Delete the temporary files an interrupted writer left in `folder`; return their names."""
+    removed = []
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        if p.is_file() and not p.is_symlink():
+            p.unlink()
+            removed.append(p.name)
+    return sorted(removed)
+
+
+def is_plain_name(name: object) -> bool:
+    """Whether `name` is a bare file name: no folder part, not "." or "..", not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
