@@ -179,6 +179,27 @@ def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sam
     return tokens, finished, stats, cache
 
 
+def _verify(drafts: list[int], draft_probs: list[torch.Tensor], target: torch.Tensor, sampler: _Sampler
+            ) -> tuple[int, int]:
+    """Speculative verification: how many drafts to keep, and the token that follows them.
+
+    drafts[j] was drawn from draft_probs[j] (vocab,); target (D + 1, vocab) holds the main model's
+    distribution at each draft's position and one beyond. Draft j is kept with probability
+    min(1, p(d) / q(d)) (greedy: iff it is p's argmax); at the first rejection the token is drawn from
+    norm(max(0, p - q)), the part of p that q under-proposes, so that kept and resampled tokens
+    together follow p exactly. If every draft is kept, a bonus token is drawn from p at D + 1.
+    """
+    for j, d in enumerate(drafts):
+        ratio = (target[j, d] / draft_probs[j][d]).item()
+        if sampler.temperature == 0 and ratio >= 1 or sampler.temperature > 0 and sampler.uniform() < ratio:
+            continue
+        if sampler.temperature == 0:
+            return j, int(target[j].argmax())
+        residual = (target[j] - draft_probs[j]).clamp(min=0)  # (vocab,)
+        return j, int(sampler.draw((residual / residual.sum())[None])[0])
+    return len(drafts), int(sampler.draw(target[len(drafts)][None])[0])
+
+
 def _speculative(model: DeepseekV3, prompt: list[int], max_new_tokens: int, sampler: _Sampler, eos: set[int],
                  emit) -> tuple[list[int], bool, dict, KVCache]:
     """Self-speculative decoding of one sequence (see the module docstring).
@@ -219,18 +240,7 @@ def _speculative(model: DeepseekV3, prompt: list[int], max_new_tokens: int, samp
         target = sampler.probs(model.lm_head(hv[0]))  # (depth + 1, vocab)
         passes += 1
         drafted += depth
-        n_ok = 0
-        for j, d in enumerate(drafts):
-            ratio = (target[j, d] / draft_probs[j][d]).item()
-            if sampler.temperature == 0 and ratio >= 1 or sampler.temperature > 0 and sampler.uniform() < ratio:
-                n_ok += 1
-                continue
-            residual = (target[j] - draft_probs[j]).clamp(min=0)
-            extra = int(sampler.draw((residual / residual.sum())[None])[0]) if sampler.temperature > 0 \
-                else int(target[j].argmax())
-            break
-        else:
-            extra = int(sampler.draw(target[depth][None])[0])  # every draft kept: a bonus token
+        n_ok, extra = _verify(drafts, draft_probs, target, sampler)
         accepted += n_ok
         main_hidden[:, p:p + n_ok + 1] = hv[:, :n_ok + 1]
         for tok in drafts[:n_ok] + [extra]:

@@ -27,6 +27,30 @@ def test_rmsnorm_matches_float64_formula():
     assert rel_err(norm(x), expected) < 1e-6  # float32 round-off
 
 
+def test_rmsnorm_in_bf16_equals_hf_bit_for_bit():
+    """In bf16 the statistics must be taken in float32 and the result rounded once, as DeepSeek's and
+    HF's code do; HF's module on the same weights computes the same operations, so the outputs are
+    equal bit for bit (statistics taken in bf16 differ in about a third of the elements)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    ours, theirs = RMSNorm(64, eps=1e-6).bfloat16(), DeepseekV3RMSNorm(64, eps=1e-6).bfloat16()
+    with torch.no_grad():
+        ours.weight.copy_(1 + 0.3 * torch.randn(64))
+        theirs.weight.copy_(ours.weight)
+    x = (torch.randn(8, 64) * torch.logspace(-2, 2, 8)[:, None]).bfloat16()
+    assert torch.equal(ours(x), theirs(x))
+
+
+def test_rmsnorm_places_eps_inside_the_root():
+    """x with mean(x^2) close to eps = 1e-6, where eps inside sqrt() and outside give different values:
+    float64 against the formula to 1e-14."""
+    norm = RMSNorm(32, eps=1e-6).double()
+    x = 1e-3 * torch.randn(4, 32, dtype=torch.float64)
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6)
+    assert rel_err(norm(x), expected) < 1e-14
+    assert rel_err(x / (torch.sqrt((x**2).mean(-1, keepdim=True)) + 1e-6), expected) > 1e-2  # the test can tell
+
+
 def test_rmsnorm_in_float64_is_exact_to_float64_roundoff():
     norm = RMSNorm(32).double()
     x = torch.randn(4, 32, dtype=torch.float64)
@@ -87,7 +111,9 @@ def test_yarn_frequencies_match_hf_and_the_ramp_limits():
     assert fast.any() and slow.any() and not (fast | slow).all()  # both ends and a ramp between them
     assert torch.allclose(ours[fast], base[fast], rtol=1e-14, atol=0)
     assert torch.allclose(ours[slow], base[slow] / 40, rtol=1e-14, atol=0)
-    assert hf_factor == pytest.approx(1.0)
+    # HF's cos/sin amplitude ("attention factor") for mscale == mscale_all_dim, against dsv3ref's own
+    cos, sin = RotaryEmbedding(cfg)(torch.arange(5)[None], torch.float64)
+    assert torch.allclose(cos**2 + sin**2, torch.full_like(cos, hf_factor**2), rtol=1e-6)
 
 
 def test_yarn_softmax_scale_and_amplitude():

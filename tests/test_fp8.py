@@ -235,6 +235,53 @@ def test_bf16_round_trip_equals_dequantize_mode(fp8_checkpoint):
     dequantized = DeepseekV3.from_pretrained(tmp / "fp8", dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(from_bf16(ids), dequantized(ids))
+    # both against the published rule done here block by block: fp8 value * its block's scale, in float32
+    fp8 = {}
+    for f in (tmp / "fp8").glob("*.safetensors"):
+        fp8.update(load_file(f))
+    bf16 = {}
+    for f in (tmp / "bf16").glob("*.safetensors"):
+        bf16.update(load_file(f))
+    for name in ("model.layers.0.self_attn.kv_b_proj.weight", "model.layers.1.mlp.experts.5.down_proj.weight"):
+        q, scale = fp8[name].float(), fp8[name + "_scale_inv"]
+        expected = torch.empty_like(q)
+        for i in range(scale.shape[0]):
+            for j in range(scale.shape[1]):
+                expected[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)] = \
+                    q[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)] * scale[i, j]
+        assert torch.equal(bf16[name], expected.bfloat16()), name
+        assert torch.equal(from_bf16.state_dict()[name], expected.bfloat16()), name
+
+
+def release_fp8_weights(cfg) -> set[str]:
+    """The weights DeepSeek-V3's release stores in FP8, by its own rule written out: every linear
+    projection of attention (q_a, q_b or q, kv_a_proj_with_mqa, kv_b, o) and of every FFN (dense MLP,
+    routed and shared experts: gate, up, down), in the main layers and the MTP modules. Not the
+    embedding, the head, norms, the router (mlp.gate) and its bias, or the MTP module's eh_proj."""
+    attn = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    if cfg.q_lora_rank is None:
+        attn = ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+    names = set()
+    for layer in range(cfg.num_hidden_layers + cfg.num_nextn_predict_layers):
+        prefix = f"model.layers.{layer}."
+        names |= {f"{prefix}self_attn.{a}.weight" for a in attn}
+        ffns = [f"{prefix}mlp."]
+        if cfg.is_moe_layer(layer):
+            ffns = [f"{prefix}mlp.experts.{e}." for e in range(cfg.n_routed_experts)]
+            ffns += [f"{prefix}mlp.shared_experts."] if cfg.n_shared_experts else []
+        names |= {f"{f}{p}.weight" for f in ffns for p in ("gate_proj", "up_proj", "down_proj")}
+    return names
+
+
+@pytest.mark.parametrize("changes", [dict(num_nextn_predict_layers=1), dict(q_lora_rank=None, first_k_dense_replace=0)])
+def test_conversion_quantizes_exactly_the_weights_the_release_stores_in_fp8(tmp_path, changes):
+    cfg = tiny_config(**changes)
+    dsv3ref.save_pretrained(DeepseekV3(cfg), tmp_path / "f32")
+    convert(tmp_path / "f32", tmp_path / "fp8", "bf16-to-fp8", progress=None)
+    tensors = load_file(tmp_path / "fp8" / "model.safetensors")
+    scales = {name.removesuffix("_scale_inv") for name in tensors if name.endswith("_scale_inv")}
+    assert scales == release_fp8_weights(cfg)
+    assert {name for name, t in tensors.items() if t.dtype == E4M3} == scales
 
 
 def test_fp8_model_saves_and_reloads_bit_for_bit(fp8_checkpoint, tmp_path):

@@ -4,6 +4,8 @@ Tolerance: float32 outputs and gradients of the grouped and loop paths agree to 
 (max |diff| / max |ref|) below 1e-5 (they differ in summation order only); float64 below 1e-12.
 """
 
+from collections import Counter
+
 import pytest
 import torch
 from helpers import hf_model, random_dsv3ref, rel_err, tiny_config
@@ -113,7 +115,6 @@ def test_capture_records_every_router_decision_and_is_off_by_default():
     first = records[1][0]
     assert first.ids.shape == (22, cfg.num_experts_per_tok) and first.groups.shape == (22, cfg.topk_group)
     assert first.counts.sum() == 22 * cfg.num_experts_per_tok
-    assert torch.equal(first.counts, torch.bincount(first.ids.flatten(), minlength=cfg.n_routed_experts))
     per_group = cfg.n_routed_experts // cfg.n_group
     assert all(set((row // per_group).tolist()) <= set(g.tolist()) for row, g in zip(first.ids, first.groups,
                                                                                       strict=True))
@@ -123,6 +124,8 @@ def test_capture_records_every_router_decision_and_is_off_by_default():
     with torch.no_grad():
         weights, chosen = layer.mlp.gate(layer.post_attention_layernorm(residual).reshape(22, -1))
     assert torch.equal(first.ids, chosen) and torch.equal(first.weights, weights)
+    tally = Counter(chosen.flatten().tolist())  # tokens per expert, counted from the router's choice
+    assert first.counts.tolist() == [tally[e] for e in range(cfg.n_routed_experts)]
     # and capturing is off again afterwards
     assert all(r.records is None for r in routing.routers(model).values())
 
@@ -167,6 +170,19 @@ def test_sequence_balance_loss_hand_computed():
     # d/ds of alpha * sum_i f_i * mean_t s_it / sum_j s_jt, for token 0 (sum 4): alpha/2 * (f_i - sum_j f_j s'_j) / 4
     expected = 0.1 / 2 * (torch.tensor([2.0, 0, 2, 0]) - 1.0) / 4
     assert torch.allclose(scores.grad[0, 0], expected, atol=1e-7)
+
+
+def test_sequence_balance_loss_with_two_experts_per_token_hand_computed():
+    """Eq. 18 with K_r = 2: f_i = N_r / (K_r T) * (tokens choosing i). Without the K_r the loss doubles."""
+    scores = torch.tensor([[[2.0, 1.0, 1.0, 0.0],
+                            [1.0, 1.0, 1.0, 1.0],
+                            [0.0, 0.0, 1.0, 3.0]]])  # (1 sequence, T = 3 tokens, N_r = 4)
+    ids = torch.tensor([[[0, 1], [1, 2], [2, 3]]])  # K_r = 2
+    # s' rows: [.5 .25 .25 0], [.25 .25 .25 .25], [0 0 .25 .75]; P = mean = [.25 .1667 .25 .3333]
+    # counts [1 2 2 1]; f = 4 / (2 * 3) * counts = [2/3 4/3 4/3 2/3]
+    # sum f_i P_i = (2/3)(1/4) + (4/3)(1/6) + (4/3)(1/4) + (2/3)(1/3) = 1/6 + 2/9 + 1/3 + 2/9 = 17/18
+    loss = routing.sequence_balance_loss(scores, ids, alpha=0.1)
+    assert loss.item() == pytest.approx(0.1 * 17 / 18, rel=1e-6)
 
 
 def test_sequence_balance_loss_averages_sequences():
