@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dsv3ref.config import ModelConfig
+from dsv3ref.impl import Implementation
 from dsv3ref.mla import MLA
 from dsv3ref.mlp import MLP
 from dsv3ref.moe import MoE
@@ -15,13 +16,15 @@ from dsv3ref.norm import RMSNorm
 class DecoderLayer(nn.Module):
     """h = x + MLA(norm(x)); out = h + FFN(norm(h)), FFN dense for the first layers and MoE after."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, attn_impl: str = "naive", moe_impl: str = "loop"):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, impl: Implementation | None = None):
         super().__init__()
+        impl = impl or Implementation()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = MLA(cfg, attn_impl)
+        self.self_attn = MLA(cfg, impl.attn_impl, impl.attn_order)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg, moe_impl) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = (MoE(cfg, impl.moe_impl) if cfg.is_moe_layer(layer_idx)
+                    else MLP(cfg.hidden_size, cfg.intermediate_size))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 positions: torch.Tensor | None = None, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -12,34 +12,33 @@ lives at index p. Nothing is ever shifted, and a write past `max_seq_len` is an 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dsv3ref.config import ModelConfig
-
-CACHE_KINDS = ("latent", "full")
-CACHE_KIND_FOR_ATTN = {"naive": "full", "absorb": "latent"}  # what each attn_impl caches
+from dsv3ref.impl import CHOICES, check_choice
 
 
-def cache_shapes(cfg: ModelConfig, kind: str, batch_size: int, max_seq_len: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of one layer's cache tensors."""
+def cache_shapes(cfg: ModelConfig, attn_impl: str, batch_size: int, max_seq_len: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of one layer's cache tensors for attention implementation `attn_impl`."""
     b, s, h = batch_size, max_seq_len, cfg.num_attention_heads
-    if kind == "latent":
+    if check_choice("attn_impl", attn_impl) == "absorb":
         return {"c_kv": (b, s, cfg.kv_lora_rank), "k_rope": (b, s, cfg.qk_rope_head_dim)}
-    if kind == "full":
-        return {"k": (b, s, h, cfg.qk_head_dim), "v": (b, s, h, cfg.v_head_dim)}
-    raise ValueError(f"cache kind: found {kind!r}, expected one of {CACHE_KINDS}")
+    return {"k": (b, s, h, cfg.qk_head_dim), "v": (b, s, h, cfg.v_head_dim)}
 
 
 class KVCache:
-    """One preallocated cache per decoder layer (and per MTP module, when the model has them).
+    """One preallocated cache per decoder layer (and per MTP module, when the model has them), for
+    the attention implementation that fills it:
 
-    kind "latent" (for attn_impl="absorb"): per layer `c_kv` (batch, max_seq_len, kv_lora_rank) and
-    `k_rope` (batch, max_seq_len, qk_rope_head_dim).
-    kind "full" (for attn_impl="naive"): per layer `k` (batch, max_seq_len, heads, qk_head_dim) and
-    `v` (batch, max_seq_len, heads, v_head_dim).
+    attn_impl "absorb": the latent, per layer `c_kv` (batch, max_seq_len, kv_lora_rank) and `k_rope`
+    (batch, max_seq_len, qk_rope_head_dim);
+    attn_impl "naive": per-head keys and values, per layer `k` (batch, max_seq_len, heads, qk_head_dim)
+    and `v` (batch, max_seq_len, heads, v_head_dim).
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int, kind: str,
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int, attn_impl: str,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", n_layers: int | None = None):
         for name, value in (("batch_size", batch_size), ("max_seq_len", max_seq_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -47,8 +46,8 @@ class KVCache:
         if max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len: found {max_seq_len}, expected at most max_position_embeddings="
                              f"{cfg.max_position_embeddings}")
-        shapes = cache_shapes(cfg, kind, batch_size, max_seq_len)
-        self.kind = kind
+        shapes = cache_shapes(cfg, attn_impl, batch_size, max_seq_len)
+        self.attn_impl = attn_impl
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
         self.layers: list[dict[str, torch.Tensor]] = [
@@ -82,20 +81,18 @@ class KVCache:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
 
     def __repr__(self) -> str:
-        return (f"KVCache(kind={self.kind!r}, batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, "
+        return (f"KVCache(attn_impl={self.attn_impl!r}, batch_size={self.batch_size}, max_seq_len={self.max_seq_len}, "
                 f"layers={len(self.layers)}, nbytes={self.nbytes:,})")
 
 
 def kv_cache_bytes(cfg: ModelConfig, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """Bytes of KV cache for one sequence of `seq_len` tokens across all layers.
+    """Bytes of KV cache for one sequence of `seq_len` tokens across all decoder layers, per attn_impl.
 
-    "mla": the latent cache, (kv_lora_rank + qk_rope_head_dim) numbers per token and layer;
-    "naive": per-head keys and values as multi-head attention would cache them,
+    "absorb": the latent cache, (kv_lora_rank + qk_rope_head_dim) numbers per token and layer;
+    "naive": per-head keys and values as multi-head attention caches them,
     heads * (qk_head_dim + v_head_dim) numbers per token and layer.
     """
     size = torch.empty((), dtype=dtype).element_size()
-    per_token_layer = {
-        "mla": cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-        "naive": cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim),
-    }
+    per_token_layer = {impl: sum(math.prod(shape) for shape in cache_shapes(cfg, impl, 1, 1).values())
+                       for impl in CHOICES["attn_impl"]}
     return {k: v * seq_len * cfg.num_hidden_layers * size for k, v in per_token_layer.items()}

@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -23,16 +24,9 @@ from safetensors import safe_open
 
 from dsv3ref.atomic import atomic_save_tensors, atomic_write_text, is_plain_name
 from dsv3ref.config import ModelConfig
-from dsv3ref.fp8 import (
-    BLOCK,
-    E4M3_MAX,
-    FP8_KERNELS,
-    QUANTIZATION_CONFIG,
-    SCALE_SUFFIX,
-    FP8Linear,
-    dequantize_weight,
-    scaled_mm_recipe,
-)
+from dsv3ref.fp8 import BLOCK, E4M3_MAX, QUANTIZATION_CONFIG, SCALE_SUFFIX, dequantize_weight, scaled_mm_recipe
+from dsv3ref.impl import Implementation
+from dsv3ref.mtp import checkpoint_copies
 
 if TYPE_CHECKING:
     from dsv3ref.model import DeepseekV3
@@ -72,7 +66,7 @@ def save_pretrained(model: DeepseekV3, path: str | Path, max_shard_bytes: int = 
         raise NotADirectoryError(f"save_pretrained: {path} exists and is not a folder")
     path.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    for copy, main in _mtp_copies(model.config).items():
+    for copy, main in checkpoint_copies(model.config).items():
         state[copy] = state[main].clone()  # the published layout stores these copies; engines read them
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")  # the same tensor as model.embed_tokens.weight
@@ -235,18 +229,17 @@ def check_layout(cfg: ModelConfig, names, config_file: Path, n_mtp: int) -> None
                                       f"model.layers.{layer}.mlp stores experts {_span(found)}")
 
 
-def _mtp_copies(cfg: ModelConfig) -> dict[str, str]:
-    """Checkpoint names of the MTP modules' copies of the embedding and head -> the main tensor."""
-    copies = {}
-    for k in range(cfg.num_nextn_predict_layers):
-        prefix = f"model.layers.{cfg.num_hidden_layers + k}."
-        copies[prefix + "embed_tokens.weight"] = "model.embed_tokens.weight"
-        copies[prefix + "shared_head.head.weight"] = ("model.embed_tokens.weight" if cfg.tie_word_embeddings
-                                                     else "lm_head.weight")
-    return copies
+@dataclass(frozen=True)
+class LoadReport:
+    """What `from_pretrained` found, kept on the model as `model.load_report`."""
 
-
-GEMM_IMPLS = ("bf16", "fp8")
+    path: Path
+    """The checkpoint folder."""
+    unused_tensors: tuple[str, ...]
+    """Tensors of the checkpoint that the model does not use (MTP modules beyond
+    num_nextn_predict_layers, or all of them when the checkpoint's config switches MTP off)."""
+    notes: tuple[str, ...]
+    """Decisions taken while loading, in words (e.g. MTP switched off for lack of its weights)."""
 
 
 def _check_fp8_config(cfg: ModelConfig, path: Path) -> str | None:
@@ -266,34 +259,28 @@ def _check_fp8_config(cfg: ModelConfig, path: Path) -> str | None:
     return scale_fmt
 
 
-def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl="bf16",
-                    fp8_kernel="emulate", check_finite_values=True) -> DeepseekV3:
-    """Build `cls(config)` on `device` in `dtype` and fill it from the checkpoint in `path`.
+def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, device, check_finite_values: bool = True
+                    ) -> DeepseekV3:
+    """Build `cls(config, impl=impl)` on `device` in `dtype` and fill it from the checkpoint in `path`.
 
     Everything that can be checked without the weights is checked before any weight memory is
     allocated: config.json against the tensor names (layer and expert counts), then every tensor's
     name, shape and dtype from the safetensors headers against the model built on the meta device.
-    Then each tensor is read, checked to be finite (unless check_finite_values is False: one pass
-    over each tensor as it is read) and copied into place.
+    Then each tensor is read, checked to be finite (unless check_finite_values is False: a streaming
+    reduction over each tensor as it is read) and copied into place.
 
     MTP modules: config.json's num_nextn_predict_layers decides how many are read (from
     `model.layers.{num_hidden_layers + k}`); a checkpoint that stores none loads with MTP off
     (num_nextn_predict_layers = 0); their copies of the embedding and head must equal the main ones.
 
     FP8 checkpoints (`quantization_config.quant_method: fp8`): every `*.weight` stored in E4M3 comes
-    with its `*.weight_scale_inv`. gemm_impl "bf16" dequantizes them on load (to `dtype`);
-    "fp8" keeps them in FP8 and runs those layers as `FP8Linear` (block-scaled FP8 GEMM) with
-    `fp8_kernel` "emulate" (exact, any device) or "scaled_mm" (torch's scaled_mm; CPU or SM90 GPU).
+    with its `*.weight_scale_inv`. impl.gemm_impl "bf16" dequantizes them on load (to `dtype`);
+    "fp8" keeps the weights the release stores in FP8 as they are (the model's `FP8Linear` layers)
+    and dequantizes any other FP8 tensor.
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype such as torch.float32, found {dtype!r}")
-    if gemm_impl not in GEMM_IMPLS:
-        raise ValueError(f"gemm_impl: found {gemm_impl!r}, expected one of {GEMM_IMPLS}")
-    if fp8_kernel not in FP8_KERNELS:
-        raise ValueError(f"fp8_kernel: found {fp8_kernel!r}, expected one of {FP8_KERNELS}")
-    if fp8_kernel != "emulate" and gemm_impl != "fp8":
-        raise ValueError(f"fp8_kernel={fp8_kernel!r} chooses how FP8 weights are multiplied: it needs gemm_impl='fp8'")
-    if fp8_kernel == "scaled_mm" and scaled_mm_recipe(device) is None:
+    if impl.fp8_kernel == "scaled_mm" and scaled_mm_recipe(device) is None:
         raise ValueError(f"fp8_kernel='scaled_mm': torch {torch.__version__} offers no block-scaled scaled_mm on "
                          f"device {device} (a CPU, or an SM90 GPU with CUDA >= 12.9); use fp8_kernel='emulate'")
     path = Path(path)
@@ -307,38 +294,34 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl=
         n_mtp = 0
     check_layout(cfg, files, path / "config.json", n_mtp)
     fp8_weights = {name[: -len(SCALE_SUFFIX)] for name in files if name.endswith(".weight" + SCALE_SUFFIX)}
-    scale_fmt = _check_fp8_config(cfg, path) if fp8_weights else None
+    if fp8_weights:
+        _check_fp8_config(cfg, path)
     for name in sorted(fp8_weights):
         if name not in files:
             raise CheckpointError(f"{files[name + SCALE_SUFFIX]}: block scale {name + SCALE_SUFFIX} has no "
                                   f"weight {name}")
-    if gemm_impl == "fp8" and not fp8_weights:
+    if impl.gemm_impl == "fp8" and not fp8_weights:
         raise ValueError(f"gemm_impl='fp8': {path} stores no FP8 weights (no *.weight_scale_inv tensors)")
-    if gemm_impl == "fp8" and moe_impl != "loop":
-        raise ValueError("gemm_impl='fp8' runs the experts as separate FP8 layers: use moe_impl='loop'")
     cfg = cfg.replace(num_nextn_predict_layers=n_mtp,
-                      quantization_config=cfg.quantization_config if gemm_impl == "fp8" else None)
+                      quantization_config=cfg.quantization_config if impl.gemm_impl == "fp8" else None)
 
     with torch.device("meta"):
-        model = cls(cfg, attn_impl=attn_impl, moe_impl=moe_impl)
-        model = model.to(dtype=dtype)
-        if gemm_impl == "fp8":  # after the cast, which would turn FP8 buffers into `dtype`
-            for name in fp8_weights:
-                parent, _, child = name.removesuffix(".weight").rpartition(".")
-                owner = model.get_submodule(parent)
-                linear = getattr(owner, child)
-                fp8_linear = FP8Linear(linear.in_features, linear.out_features, scale_fmt, kernel=fp8_kernel)
-                setattr(owner, child, fp8_linear)
+        model = cls(cfg, impl=impl).to(dtype)  # FP8Linear layers keep their E4M3 weights and float32 scales
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # meta: shapes, no memory
     if cfg.tie_word_embeddings:
         del expected["lm_head.weight"]  # the embedding, loaded under its own name
-    copies = _mtp_copies(cfg)
+    copies = checkpoint_copies(cfg)
+    kept_fp8 = {name for name in fp8_weights if name + SCALE_SUFFIX in expected}  # loaded as FP8, as stored
+    for name in sorted(n.removesuffix(SCALE_SUFFIX) for n in expected if n.endswith(SCALE_SUFFIX)):
+        if name in files and name not in fp8_weights:
+            raise CheckpointError(f"{files[name]}: gemm_impl='fp8' runs {name} as an FP8 GEMM, but the checkpoint "
+                                  "stores it in high precision (no weight_scale_inv); load with gemm_impl='bf16'")
 
     # 1. Names, shapes and dtypes, from the index and the safetensors headers.
     by_file: dict[Path, list[str]] = {}
     unused: list[str] = []
     for name, file in files.items():
-        dequantized_scale = gemm_impl == "bf16" and name.removesuffix(SCALE_SUFFIX) in fp8_weights
+        dequantized_scale = name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in fp8_weights - kept_fp8
         if name in expected or name in copies or dequantized_scale:
             by_file.setdefault(file, []).append(name)
             continue
@@ -402,7 +385,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl=
                         check_finite(value, file, name)
                     if name in fp8_weights:
                         scale = read_scale(files, name, tuple(value.shape))
-                        if gemm_impl == "fp8":
+                        if name in kept_fp8:
                             targets[name + SCALE_SUFFIX].copy_(scale)
                         else:
                             value = dequantize_weight(value, scale, dtype=dtype)
@@ -417,9 +400,7 @@ def load_pretrained(cls, path, *, dtype, device, attn_impl, moe_impl, gemm_impl=
             if not torch.equal(value.to(main.dtype), main):
                 raise CheckpointError(f"{file}: tensor {name} differs from {copies[name]}; dsv3ref shares the main "
                                       "model's embedding and head with the MTP modules, as the report does")
-    model.unused_tensors = sorted(unused)
-    model.load_notes = notes
-    model.gemm_impl = gemm_impl
+    model.load_report = LoadReport(path=path, unused_tensors=tuple(sorted(unused)), notes=tuple(notes))
     return model.eval()
 
 

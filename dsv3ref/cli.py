@@ -9,6 +9,7 @@ sampling, streaming) working in seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 
 from dsv3ref import DeepseekV3, ModelConfig, count_parameters, generate, save_pretrained
+from dsv3ref.impl import CHOICES, Implementation
+from dsv3ref.oracle import compare, trace, trace_hf
 from dsv3ref.tokenizer import StreamDecoder, Tokenizer
 
 UNTRAINED = "embedded tiny model, random weights, UNTRAINED (its text is noise), with the DeepSeek-V3 tokenizer"
@@ -42,13 +45,22 @@ def _seed(text: str) -> int:
     return value
 
 
-def load_for_text(ckpt_path: str | None, seed: int = 0) -> tuple[DeepseekV3, Tokenizer, str]:
+def implementation(args: argparse.Namespace) -> Implementation:
+    """The --attn-impl ... --fp8-kernel flags as an Implementation (defaults: the fast paths)."""
+    moe_impl = args.moe_impl or ("loop" if args.gemm_impl == "fp8" else "grouped")
+    return Implementation(attn_impl=args.attn_impl, attn_order=args.attn_order, moe_impl=moe_impl,
+                          gemm_impl=args.gemm_impl, fp8_kernel=args.fp8_kernel)
+
+
+def load_for_text(ckpt_path: str | None, seed: int = 0, impl: Implementation | None = None
+                  ) -> tuple[DeepseekV3, Tokenizer, str]:
     """The model and tokenizer of a checkpoint folder, or the embedded default."""
+    impl = impl or Implementation(attn_impl="absorb", moe_impl="grouped")
     if ckpt_path is None:
         tokenizer = Tokenizer.from_pretrained()
         cfg = ModelConfig.preset("tiny").replace(vocab_size=ModelConfig.preset("deepseek-v3").vocab_size)
         torch.manual_seed(seed)
-        model = DeepseekV3(cfg, attn_impl="absorb", moe_impl="grouped").eval()
+        model = DeepseekV3(cfg, impl=impl).eval()
         return model, tokenizer, UNTRAINED
     path = Path(ckpt_path)
     if not path.is_dir():
@@ -57,7 +69,7 @@ def load_for_text(ckpt_path: str | None, seed: int = 0) -> tuple[DeepseekV3, Tok
         tokenizer = Tokenizer.from_pretrained(path)
     except FileNotFoundError as e:
         raise CliError(str(e)) from None
-    model = DeepseekV3.from_pretrained(path, attn_impl="absorb", moe_impl="grouped")
+    model = DeepseekV3.from_pretrained(path, **dataclasses.asdict(impl))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CliError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                        f"{model.config.vocab_size}")
@@ -91,7 +103,7 @@ def _reply(model, tokenizer, ids, args, out) -> list[int]:
 
 
 def generate_cmd(args: argparse.Namespace) -> int:
-    model, tokenizer, label = load_for_text(args.ckpt_path, args.seed)
+    model, tokenizer, label = load_for_text(args.ckpt_path, args.seed, implementation(args))
     print(f"[{label}]", file=sys.stderr)
     ids = _prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}], args.raw)
     _reply(model, tokenizer, ids, args, sys.stdout)
@@ -99,7 +111,7 @@ def generate_cmd(args: argparse.Namespace) -> int:
 
 
 def chat_cmd(args: argparse.Namespace) -> int:
-    model, tokenizer, label = load_for_text(args.ckpt_path, args.seed)
+    model, tokenizer, label = load_for_text(args.ckpt_path, args.seed, implementation(args))
     interactive = sys.stdin.isatty()
     print(f"[{label}]\n[type a message; /reset clears the history, /exit or end of input quits]", file=sys.stderr)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
@@ -162,15 +174,13 @@ def demo(args: argparse.Namespace) -> int:
 def compare_cmd(args: argparse.Namespace) -> int:
     """Trace dsv3ref's readable path and another implementation on the same checkpoint; print where
     they diverge."""
-    from dsv3ref.oracle import compare, trace, trace_hf
-
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     reference = DeepseekV3.from_pretrained(args.ckpt, dtype=dtype)
     cfg = reference.config
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len), generator=generator)
     if args.against == "hf":
-        from transformers import DeepseekV3ForCausalLM
+        from transformers import DeepseekV3ForCausalLM  # optional (the test extra): imported only when asked
 
         other = DeepseekV3ForCausalLM.from_pretrained(args.ckpt, dtype=dtype, attn_implementation="eager").eval()
         other_trace = trace_hf(other, ids)
@@ -192,9 +202,23 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=_seed, default=0)
+    _impl_args(p)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _impl_args(p: argparse.ArgumentParser) -> None:
+    """How the model computes: the names of dsv3ref.impl, as flags."""
+    g = p.add_argument_group("implementation (see dsv3ref.impl; every choice gives the same result)")
+    g.add_argument("--attn-impl", choices=CHOICES["attn_impl"], default="absorb")
+    g.add_argument("--attn-order", choices=CHOICES["attn_order"], default="auto", help="for --attn-impl absorb")
+    g.add_argument("--moe-impl", choices=CHOICES["moe_impl"], default=None,
+                   help="default: grouped (loop with --gemm-impl fp8)")
+    g.add_argument("--gemm-impl", choices=CHOICES["gemm_impl"], default="bf16",
+                   help="fp8: keep an FP8 checkpoint's weights in FP8")
+    g.add_argument("--fp8-kernel", choices=CHOICES["fp8_kernel"], default="emulate", help="for --gemm-impl fp8")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (its subcommands and flags)."""
     parser = argparse.ArgumentParser(prog="python -m dsv3ref", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -222,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=0.0)
     p.set_defaults(func=compare_cmd)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -7,6 +7,7 @@ checkpoint is written back unchanged.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dsv3ref.atomic import atomic_write_text
+from dsv3ref.fp8 import QUANTIZATION_CONFIG
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
@@ -138,11 +140,7 @@ class ModelConfig:
     """Activation of the SwiGLU MLPs: only "silu" exists in DeepSeek models."""
     initializer_range: float = 0.02
     """Standard deviation of the random normal initialization."""
-    quantization_config: dict[str, Any] | None = field(
-        default_factory=lambda: {
-            "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
-        }
-    )
+    quantization_config: dict[str, Any] | None = field(default_factory=lambda: copy.deepcopy(QUANTIZATION_CONFIG))
     """FP8 storage of the checkpoint (None for a bf16/fp32 checkpoint)."""
     bos_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1

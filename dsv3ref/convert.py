@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -43,12 +42,8 @@ from dsv3ref.checkpoint import (
     read_tensor,
     tensor_files,
 )
-from dsv3ref.fp8 import E4M3, QUANTIZATION_CONFIG, SCALE_SUFFIX, dequantize_weight, quantize_weight
+from dsv3ref.fp8 import E4M3, FP8_WEIGHT, QUANTIZATION_CONFIG, SCALE_SUFFIX, dequantize_weight, quantize_weight
 
-# The linear layers stored in FP8 in the DeepSeek-V3 release: attention projections, dense MLPs,
-# routed and shared experts. Embeddings, norms, routers, eh_proj and heads stay in high precision.
-FP8_LINEAR = re.compile(r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
-                        r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj))\.weight$")
 DIRECTIONS = ("fp8-to-bf16", "bf16-to-fp8")
 MANIFEST = "conversion.json"
 
@@ -112,7 +107,7 @@ def _convert_shard(shard: Path, files: dict[str, Path], direction: str, scale_fm
                     t = dequantize_weight(t, read_scale(files, name, tuple(t.shape)), dtype=torch.bfloat16)
                     check_finite(t, shard, f"{name} (dequantized)")
                 out[name] = t
-            elif FP8_LINEAR.search(name) and t.dim() == 2:
+            elif FP8_WEIGHT.search(name) and t.dim() == 2:  # what the release stores in FP8
                 out[name], out[name + SCALE_SUFFIX] = quantize_weight(t, scale_fmt=scale_fmt)
             else:
                 out[name] = t

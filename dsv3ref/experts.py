@@ -83,7 +83,7 @@ class StackedExperts(nn.Module):
             unsorted[rows] = grouped_linear(h, self.down_proj[e0:e1], block_counts)  # (rows, dim)
         # Each token's k contributions are added in a fixed order, so the result is deterministic on
         # every device (unlike an atomic scatter-add on a GPU).
-        return reduce(unsorted, "(n k) d -> n d", "sum", k=k)
+        return reduce(unsorted, "(n k) c -> n c", "sum", k=k)
 
     def _blocks(self, counts: list[int]):
         """Cut the experts into consecutive runs holding at least block_rows assignments each (an

@@ -25,11 +25,14 @@ Its 3 mantissa bits leave a relative rounding error of at most 2^-4 (half an ulp
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
+
+from dsv3ref.impl import check_choice
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -39,6 +42,11 @@ SCALE_SUFFIX = "_scale_inv"  # checkpoint name of a weight's block scales: "x.we
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                        "weight_block_size": [BLOCK, BLOCK]}
 """config.json's `quantization_config` of a checkpoint in this format (DeepSeek-V3's release)."""
+FP8_WEIGHT = re.compile(r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+                        r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj))\.weight$")
+"""The weights DeepSeek-V3's release stores in FP8: the linear projections of attention and of every
+FFN (dense MLPs, routed and shared experts), in the main layers and the MTP modules. Embeddings,
+norms, routers, the MTP module's eh_proj and the heads stay in high precision."""
 
 
 def _pad_to(x: torch.Tensor, dims: tuple[int, ...], block: int) -> torch.Tensor:
@@ -60,13 +68,13 @@ def quantize_weight(w: torch.Tensor, block: int = BLOCK, scale_fmt: str | None =
     if w.dim() != 2:
         raise ValueError(f"quantize_weight: expected a 2-D weight, found shape {tuple(w.shape)}")
     out_dim, in_dim = w.shape
-    blocks = rearrange(_pad_to(w.float(), (0, 1), block), "(bo o) (bi i) -> bo bi o i", o=block, i=block)
-    amax = blocks.abs().amax(dim=(-1, -2)).clamp(min=AMAX_FLOOR)  # (bo, bi)
+    blocks = rearrange(_pad_to(w.float(), (0, 1), block), "(fb o) (kb i) -> fb kb o i", o=block, i=block)
+    amax = blocks.abs().amax(dim=(-1, -2)).clamp(min=AMAX_FLOOR)  # (fb, kb)
     scale = amax / E4M3_MAX
     if scale_fmt == "ue8m0":
         scale = _ue8m0(scale)
     q = (blocks / scale[..., None, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    q = rearrange(q, "bo bi o i -> (bo o) (bi i)")[:out_dim, :in_dim]
+    q = rearrange(q, "fb kb o i -> (fb o) (kb i)")[:out_dim, :in_dim]
     return q.contiguous(), scale.contiguous()
 
 
@@ -79,8 +87,8 @@ def dequantize_weight(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLO
         raise ValueError(f"weight_scale_inv: expected shape {expected} for a weight of shape {tuple(q.shape)}, "
                          f"found {tuple(scale_inv.shape)}")
     compute = torch.promote_types(dtype, torch.float32)  # float64 holds each product exactly; float32 as DeepSeek
-    blocks = rearrange(_pad_to(q.to(compute), (0, 1), block), "(bo o) (bi i) -> bo bi o i", o=block, i=block)
-    w = rearrange(blocks * scale_inv.to(compute)[..., None, None], "bo bi o i -> (bo o) (bi i)")
+    blocks = rearrange(_pad_to(q.to(compute), (0, 1), block), "(fb o) (kb i) -> fb kb o i", o=block, i=block)
+    w = rearrange(blocks * scale_inv.to(compute)[..., None, None], "fb kb o i -> (fb o) (kb i)")
     return w[:out_dim, :in_dim].to(dtype)
 
 
@@ -88,12 +96,12 @@ def quantize_activation(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | No
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., K) -> fp8 x (..., K) and scales (..., ceil(K/block)) float32, one per token per tile."""
     k = x.shape[-1]
-    tiles = rearrange(_pad_to(x.float(), (x.dim() - 1,), block), "... (t c) -> ... t c", c=block)
-    scale = tiles.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / E4M3_MAX  # (..., tiles)
+    tiles = rearrange(_pad_to(x.float(), (x.dim() - 1,), block), "... (kb i) -> ... kb i", i=block)
+    scale = tiles.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / E4M3_MAX  # (..., kb)
     if scale_fmt == "ue8m0":
         scale = _ue8m0(scale)
     q = (tiles / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return rearrange(q, "... t c -> ... (t c)")[..., :k].contiguous(), scale
+    return rearrange(q, "... kb i -> ... (kb i)")[..., :k].contiguous(), scale
 
 
 def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale_inv: torch.Tensor,
@@ -106,18 +114,15 @@ def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sc
     float32 in order. Returns (M, N) float32.
     """
     n = w_q.shape[0]
-    xb = rearrange(_pad_to(x_q.double(), (1,), block), "m (kb c) -> kb m c", c=block)
-    wb = rearrange(_pad_to(w_q.double(), (1,), block), "n (kb c) -> kb n c", c=block)
-    w_rows = repeat(w_scale_inv.double(), "nb kb -> kb (nb r)", r=block)[:, :n]  # (kb, n): each row's block scale
+    xb = rearrange(_pad_to(x_q.double(), (1,), block), "m (kb i) -> kb m i", i=block)
+    wb = rearrange(_pad_to(w_q.double(), (1,), block), "f (kb i) -> kb f i", i=block)
+    w_rows = repeat(w_scale_inv.double(), "fb kb -> kb (fb o)", o=block)[:, :n]  # (kb, n): each row's block scale
     x_cols = rearrange(x_scale.double(), "m kb -> kb m 1")
     acc = torch.zeros(x_q.shape[0], n, dtype=torch.float32, device=x_q.device)
     for b in range(xb.shape[0]):  # one K block at a time: memory of one (m, n) partial sum
         partial = xb[b] @ wb[b].T  # (m, n), exact
         acc = acc + (partial * x_cols[b] * w_rows[b]).float()
     return acc
-
-
-FP8_KERNELS = ("emulate", "scaled_mm")
 
 
 def scaled_mm_recipe(device: str | torch.device) -> str | None:
@@ -174,8 +179,8 @@ def rowwise_weight(w_q: torch.Tensor, w_scale_inv: torch.Tensor, block: int = BL
     FP8Linear builds it once (one more FP8 copy of the weight) instead of at every call."""
     n, k = w_q.shape
     kb = math.ceil(k / block)
-    blocks = rearrange(_pad_fp8(w_q, n, kb * block), "n (kb c) -> kb n c", c=block)
-    rows = repeat(w_scale_inv, "nb kb -> kb 1 (nb r)", r=block)[..., :n]
+    blocks = rearrange(_pad_fp8(w_q, n, kb * block), "f (kb i) -> kb f i", i=block)
+    rows = repeat(w_scale_inv, "fb kb -> kb 1 (fb o)", o=block)[..., :n]
     # scaled_mm checks strides literally, even of size-1 axes: give both fresh row-major strides
     return _packed(blocks), _packed(rows)
 
@@ -203,7 +208,7 @@ def fp8_matmul_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Te
         raise ValueError(f"fp8_matmul_scaled_mm: torch {torch.__version__} has no block-scaled scaled_mm on "
                          f"{x_q.device} (needs a CPU, or an SM90 GPU with CUDA >= 12.9); use fp8_matmul")
     w_blocks, w_rows = w_rowwise if w_rowwise is not None else rowwise_weight(w_q, w_scale_inv, block)
-    xb = _packed(rearrange(_pad_fp8(x_q, m, kb * block), "m (kb c) -> kb m c", c=block))  # (kb, m, 128)
+    xb = _packed(rearrange(_pad_fp8(x_q, m, kb * block), "m (kb i) -> kb m i", i=block))  # (kb, m, 128)
     x_cols = _packed(rearrange(x_scale, "m kb -> kb m 1"))  # (kb, m, 1)
     acc = torch.zeros(m, n, dtype=torch.float32, device=x_q.device)
     for b in range(kb):
@@ -224,14 +229,23 @@ class FP8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, scale_fmt: str | None = None,
                  kernel: str = "emulate"):
         super().__init__()
-        if kernel not in FP8_KERNELS:
-            raise ValueError(f"kernel: found {kernel!r}, expected one of {FP8_KERNELS}")
         self.in_features, self.out_features, self.scale_fmt = in_features, out_features, scale_fmt
-        self.kernel = kernel
+        self.kernel = check_choice("fp8_kernel", kernel)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=E4M3))
         self.register_buffer("weight_scale_inv", torch.ones(math.ceil(out_features / BLOCK),
                                                            math.ceil(in_features / BLOCK)))
         self._derived: dict = {}  # name -> (weight key, tensor(s) computed from the weight)
+
+    def _apply(self, fn, recurse=True):
+        """Moves (`.to(device)`, `to_empty`) apply; dtype casts (`model.to(torch.bfloat16)`) do not: the
+        weight stays E4M3 and its scales float32, which is what this layer is."""
+        before = {name: self._buffers[name] for name in ("weight", "weight_scale_inv")}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
 
     def _from_weight(self, name: str, build):
         """build(), computed once and reused until the weight or its scales change."""
@@ -249,7 +263,7 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
-        flat = rearrange(x, "... k -> (...) k")
+        flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
         x_q, x_scale = quantize_activation(flat, scale_fmt=self.scale_fmt)
         if self.kernel == "scaled_mm":
             w_rowwise = None

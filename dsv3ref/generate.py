@@ -7,15 +7,8 @@ same cache indices, and it sees exactly the same keys, as when it is generated a
 written past a row's end is never attended (the causal mask hides every index beyond the query's
 position) and is overwritten by the row's next tokens.
 
-Self-speculative decoding (`speculative=True`; DeepSeek-V3 report, section 5.4.3): at each step the
-MTP modules draft the next D tokens (module k drafts token p+k from module k-1's hidden state); the
-main model then runs once over [last token, drafts] and keeps the drafts up to the first one it
-disagrees with, plus one token of its own (the correction, or a bonus token if all were accepted).
-Greedy drafts are accepted iff they equal the main model's argmax, so the output is exactly plain
-greedy decoding. With sampling, draft x ~ q is accepted with probability min(1, p(x)/q(x)), and a
-rejected one is replaced by a sample of norm(max(0, p - q)) (Leviathan et al. 2023; Chen et al.
-2023): the output distribution is that of plain sampling. "Rolling back" the cache needs no copy:
-entries are indexed by position, so the rejected positions are masked until they are overwritten.
+`speculative=True` decodes with the model's own MTP modules as drafters (see dsv3ref.speculative);
+tokens are chosen by a `dsv3ref.sampling.Sampler`.
 """
 
 from __future__ import annotations
@@ -28,6 +21,8 @@ import torch
 
 from dsv3ref.cache import KVCache
 from dsv3ref.model import DeepseekV3
+from dsv3ref.sampling import Sampler
+from dsv3ref.speculative import speculative_decode
 
 
 @dataclass
@@ -92,52 +87,7 @@ def _prompts(input_ids, attention_mask) -> list[list[int]]:
     return rows
 
 
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Keep the top_k largest logits and the smallest set whose probability reaches top_p; -inf elsewhere."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        before = probs.cumsum(-1) - probs  # probability mass ranked above each token
-        drop_sorted = before >= top_p  # never drops the most likely token (before = 0)
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-class _Sampler:
-    """Turns logits into tokens: argmax at temperature 0, else a seeded draw from the filtered softmax."""
-
-    def __init__(self, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None):
-        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
-
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The distribution a token is drawn from, (..., vocab) float32+ (one-hot at temperature 0)."""
-        if not bool(torch.isfinite(logits).all()):
-            raise FloatingPointError("generate: the model's logits are not finite (NaN or Inf), so no token can be "
-                                     "chosen; the weights or the model's arithmetic produce non-finite values")
-        if self.temperature == 0:
-            return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-        return _filter_logits(logits.float() / self.temperature, self.top_k, self.top_p).softmax(-1)
-
-    def draw(self, probs: torch.Tensor) -> torch.Tensor:
-        """A token per row of probs (b, vocab) -> (b,)."""
-        if self.temperature == 0:
-            return probs.argmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.draw(self.probs(logits))
-
-    def uniform(self) -> float:
-        """A draw from U(0, 1) from the same generator."""
-        device = self.generator.device if self.generator is not None else "cpu"
-        return torch.rand((), generator=self.generator, device=device).item()
-
-
-def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sampler: _Sampler, eos: set[int],
+def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, eos: set[int],
            stream) -> tuple[list[list[int]], list[bool], dict, KVCache]:
     """Batched decoding, one token per row per forward pass."""
     device, batch = model.device, len(prompts)
@@ -177,82 +127,6 @@ def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sam
     stats = {"prefill_seconds": prefill_s, "decode_seconds": time.perf_counter() - start, "forward_passes": passes,
              "sequence_forwards": passes * batch}
     return tokens, finished, stats, cache
-
-
-def _verify(drafts: list[int], draft_probs: list[torch.Tensor], target: torch.Tensor, sampler: _Sampler
-            ) -> tuple[int, int]:
-    """Speculative verification: how many drafts to keep, and the token that follows them.
-
-    drafts[j] was drawn from draft_probs[j] (vocab,); target (D + 1, vocab) holds the main model's
-    distribution at each draft's position and one beyond. Draft j is kept with probability
-    min(1, p(d) / q(d)) (greedy: iff it is p's argmax); at the first rejection the token is drawn from
-    norm(max(0, p - q)), the part of p that q under-proposes, so that kept and resampled tokens
-    together follow p exactly. If every draft is kept, a bonus token is drawn from p at D + 1.
-    """
-    for j, d in enumerate(drafts):
-        ratio = (target[j, d] / draft_probs[j][d]).item()
-        if sampler.temperature == 0 and ratio >= 1 or sampler.temperature > 0 and sampler.uniform() < ratio:
-            continue
-        if sampler.temperature == 0:
-            return j, int(target[j].argmax())
-        residual = (target[j] - draft_probs[j]).clamp(min=0)  # (vocab,)
-        return j, int(sampler.draw((residual / residual.sum())[None])[0])
-    return len(drafts), int(sampler.draw(target[len(drafts)][None])[0])
-
-
-def _speculative(model: DeepseekV3, prompt: list[int], max_new_tokens: int, sampler: _Sampler, eos: set[int],
-                 emit) -> tuple[list[int], bool, dict, KVCache]:
-    """Self-speculative decoding of one sequence (see the module docstring).
-
-    State between steps: tokens t_0..t_p are decided, the main model has processed positions < p
-    (t_p is its next input), `main_hidden` holds its final-norm hidden states h^0 for those positions,
-    and the MTP caches are final for positions < `mtp_from`.
-    """
-    depth = len(model.mtp_layers)
-    device, n_prompt = model.device, len(prompt)
-    cache = model.new_cache(1, n_prompt + max_new_tokens + depth)
-    main_hidden = torch.zeros(1, n_prompt + max_new_tokens + depth, model.config.hidden_size, dtype=model.dtype,
-                              device=device)
-
-    start = time.perf_counter()
-    h = model.hidden_states(torch.tensor([prompt], device=device), cache, 0)  # (1, P, d)
-    main_hidden[:, :n_prompt] = h
-    seq = list(prompt) + [int(sampler(model.lm_head(h[:, -1]))[0])]
-    prefill_s = time.perf_counter() - start
-    out = [seq[-1]]
-    done = emit(seq[-1])
-    p, mtp_from, passes, drafted, accepted = n_prompt, 0, 1, 0, 0
-    start = time.perf_counter()
-    while not done and len(out) < max_new_tokens:
-        # Draft: module k at positions mtp_from..p-1 reads h^{k-1} and t_{i+k}; its last position drafts t_{p+k}.
-        drafts, draft_probs = [], []
-        h = main_hidden[:, mtp_from:p]  # (1, w, d)
-        for k in range(1, depth + 1):
-            known = seq + drafts  # t_0 .. t_p, then the drafts t_{p+1} ..
-            next_ids = torch.tensor([known[mtp_from + k:p + k]], device=device)  # t_{i+k} for i in the window
-            h = model.mtp_hidden_states(k, h, next_ids, cache, start_pos=mtp_from)
-            q = sampler.probs(model.mtp_logits(k, h[:, -1]))  # (1, vocab)
-            drafts.append(int(sampler.draw(q)[0]))
-            draft_probs.append(q[0])
-        mtp_from = max(0, p - depth)  # positions below are final: all their t_{i+k} are decided
-        # Verify: one main-model pass over [t_p, drafts]; its logits at j predict t_{p+j+1}.
-        hv = model.hidden_states(torch.tensor([[seq[p]] + drafts], device=device), cache, start_pos=p)
-        target = sampler.probs(model.lm_head(hv[0]))  # (depth + 1, vocab)
-        passes += 1
-        drafted += depth
-        n_ok, extra = _verify(drafts, draft_probs, target, sampler)
-        accepted += n_ok
-        main_hidden[:, p:p + n_ok + 1] = hv[:, :n_ok + 1]
-        for tok in drafts[:n_ok] + [extra]:
-            seq.append(tok)
-            out.append(tok)
-            done = emit(tok)
-            if done or len(out) == max_new_tokens:
-                break
-        p += n_ok + 1
-    stats = {"prefill_seconds": prefill_s, "decode_seconds": time.perf_counter() - start, "forward_passes": passes,
-             "sequence_forwards": passes, "drafted_tokens": drafted, "accepted_tokens": accepted}
-    return out, done, stats, cache
 
 
 @torch.inference_mode()
@@ -312,7 +186,7 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
-    sampler = _Sampler(temperature, top_k, top_p, generator)
+    sampler = Sampler(temperature, top_k, top_p, generator)
 
     if not speculative:
         tokens, finished, stats, _ = _plain(model, prompts, max_new_tokens, sampler, eos, stream)
@@ -324,7 +198,7 @@ def generate(
                     stream([tok if b == row else None for b in range(len(prompts))])
                 return tok in eos
 
-            out, done, stats, _ = _speculative(model, prompt, max_new_tokens, sampler, eos, emit)
+            out, done, stats, _ = speculative_decode(model, prompt, max_new_tokens, sampler, eos, emit)
             tokens.append(out)
             finished.append(done)
             for key, value in stats.items():

@@ -30,7 +30,7 @@ instead of qk_head_dim + v_head_dim. Decoding (one query, many cached keys) wins
 (as many queries as keys) is cheaper with the keys expanded. So "absorb" can compute a chunk in
 either order over the same latent cache: "absorbed" (DeepSeek's absorb path) or "expanded" (keys
 and values expanded from the latent, through torch's fused scaled_dot_product_attention).
-`MLA.order` chooses: "absorbed" or "expanded" force one; "auto" (the default) takes the cheaper
+`attn_order` chooses: "absorbed" or "expanded" force one; "auto" (the default) takes the cheaper
 one by a multiply-add count when activations are float32 or float64 and the weights dense, where
 both orders agree to float rounding (about 1e-7). Otherwise it takes the absorbed order for every
 chunk: in bf16 the two orders round different intermediates (the expanded keys or the absorbed
@@ -59,11 +59,9 @@ from torch import nn
 
 from dsv3ref.config import ModelConfig
 from dsv3ref.fp8 import FP8Linear, linear_weight
+from dsv3ref.impl import Implementation
 from dsv3ref.norm import RMSNorm
 from dsv3ref.rope import apply_rope, softmax_scale
-
-ATTN_IMPLS = ("naive", "absorb")
-ORDERS = ("auto", "absorbed", "expanded")
 
 
 def absorbed_is_cheaper(t: int, s: int, r: int, h: int, dn: int, dr: int, dv: int) -> bool:
@@ -79,12 +77,11 @@ def absorbed_is_cheaper(t: int, s: int, r: int, h: int, dn: int, dr: int, dv: in
 class MLA(nn.Module):
     """Multi-head latent attention over one sequence chunk, with the checkpoint's projection names."""
 
-    def __init__(self, cfg: ModelConfig, attn_impl: str = "naive"):
+    def __init__(self, cfg: ModelConfig, attn_impl: str = "naive", attn_order: str = "auto"):
         super().__init__()
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl: found {attn_impl!r}, expected one of {ATTN_IMPLS}")
+        Implementation(attn_impl=attn_impl, attn_order=attn_order)  # checks both
         self.attn_impl = attn_impl
-        self.order = "auto"  # for attn_impl="absorb": which order to compute a chunk in (see ORDERS)
+        self.attn_order = attn_order  # for attn_impl="absorb": the order a chunk is computed in
         self.n_heads = cfg.num_attention_heads
         self.kv_lora_rank = cfg.kv_lora_rank
         self.qk_nope_head_dim = cfg.qk_nope_head_dim
@@ -171,11 +168,9 @@ class MLA(nn.Module):
         return torch.cat([k_nope, repeat(k_rope, "b s d -> b s h d", h=self.n_heads)], dim=-1), v
 
     def _absorbed(self, t: int, s: int, dtype: torch.dtype) -> bool:
-        """Whether a chunk of t queries over s keys is computed in the absorbed order (see `order`)."""
-        if self.order not in ORDERS:
-            raise ValueError(f"MLA.order: found {self.order!r}, expected one of {ORDERS}")
-        if self.order != "auto":
-            return self.order == "absorbed"
+        """Whether a chunk of t queries over s keys is computed in the absorbed order (see `attn_order`)."""
+        if self.attn_order != "auto":
+            return self.attn_order == "absorbed"
         # The orders agree to float32 rounding. That is harmless only if nothing downstream magnifies a
         # last-bit difference: a narrower dtype rounds the orders' different intermediates, and an FP8
         # GEMM can round its input to a different E4M3 value. There, one order for every chunk.

@@ -10,11 +10,12 @@ from einops import rearrange
 from torch import nn
 
 from dsv3ref.block import DecoderLayer
-from dsv3ref.cache import CACHE_KIND_FOR_ATTN, KVCache, cache_shapes
+from dsv3ref.cache import KVCache, cache_shapes
+from dsv3ref.checkpoint import LoadReport, load_pretrained
 from dsv3ref.config import ModelConfig
-from dsv3ref.mla import ATTN_IMPLS
-from dsv3ref.moe import MOE_IMPLS
-from dsv3ref.mtp import DEFAULT_MTP_LAMBDA, MTPLayer
+from dsv3ref.fp8 import FP8_WEIGHT, FP8Linear, quantize_weight
+from dsv3ref.impl import Implementation
+from dsv3ref.mtp import DEFAULT_MTP_LAMBDA, MTPLayer, mtp_loss
 from dsv3ref.norm import RMSNorm
 from dsv3ref.rope import RotaryEmbedding
 
@@ -26,13 +27,13 @@ class DeepseekV3Body(nn.Module):
     modules, which the checkpoint stores as further layers (`model.layers.61` in DeepSeek-V3).
     """
 
-    def __init__(self, cfg: ModelConfig, attn_impl: str, moe_impl: str):
+    def __init__(self, cfg: ModelConfig, impl: Implementation):
         super().__init__()
         n = cfg.num_hidden_layers
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            [DecoderLayer(cfg, i, attn_impl, moe_impl) for i in range(n)]
-            + [MTPLayer(cfg, n + k, attn_impl, moe_impl) for k in range(cfg.num_nextn_predict_layers)])
+            [DecoderLayer(cfg, i, impl) for i in range(n)]
+            + [MTPLayer(cfg, n + k, impl) for k in range(cfg.num_nextn_predict_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -43,26 +44,71 @@ class DeepseekV3(nn.Module):
     one; router bias at zero); `DeepseekV3.from_pretrained(path)` loads a Hugging Face-format
     checkpoint. Parameter names equal the checkpoint's tensor names.
 
-    attn_impl: "naive" (expand per-head K/V from the latent) or "absorb" (attend in latent space).
-    moe_impl: "loop" (one expert at a time) or "grouped" (stacked experts, grouped GEMM).
+    How it computes is `model.impl` (a `dsv3ref.impl.Implementation`), given as keywords:
+    attn_impl "naive" (expand per-head K/V from the latent) or "absorb" (attend in latent space),
+    attn_order for "absorb" ("auto", "absorbed", "expanded"), moe_impl "loop" or "grouped",
+    gemm_impl "bf16" or "fp8" (the layers the release stores in FP8 become `FP8Linear`: block-scaled
+    E4M3 weights, quantized from the random initialization here, read as they are by from_pretrained)
+    and fp8_kernel "emulate" or "scaled_mm"; or as impl=Implementation(...).
     The num_nextn_predict_layers MTP modules follow the decoder layers (see dsv3ref.mtp).
     """
 
-    def __init__(self, cfg: ModelConfig, attn_impl: str = "naive", moe_impl: str = "loop"):
+    def __init__(self, cfg: ModelConfig, attn_impl: str = "naive", moe_impl: str = "loop", attn_order: str = "auto",
+                 gemm_impl: str = "bf16", fp8_kernel: str = "emulate", *, impl: Implementation | None = None):
         super().__init__()
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl: found {attn_impl!r}, expected one of {ATTN_IMPLS}")
-        if moe_impl not in MOE_IMPLS:
-            raise ValueError(f"moe_impl: found {moe_impl!r}, expected one of {MOE_IMPLS}")
+        if impl is None:
+            impl = Implementation(attn_impl=attn_impl, attn_order=attn_order, moe_impl=moe_impl, gemm_impl=gemm_impl,
+                                  fp8_kernel=fp8_kernel)
         self.config = cfg
-        self.attn_impl = attn_impl
-        self.moe_impl = moe_impl
-        self.model = DeepseekV3Body(cfg, attn_impl, moe_impl)
+        self.impl = impl
+        self.load_report: LoadReport | None = None
+        """What from_pretrained found (source, unused tensors, notes); None for a model built here."""
+        self.model = DeepseekV3Body(cfg, impl)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg)
+        if impl.gemm_impl == "fp8":
+            self._fp8_layers()
         self.reset_parameters()
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def _fp8_layers(self) -> None:
+        """Replace every linear layer whose weight the release stores in FP8 (fp8.FP8_WEIGHT) by an FP8Linear."""
+        qc = self.config.quantization_config or {}
+        scale_fmt = qc.get("scale_fmt", self.config.extra.get("scale_fmt"))
+        for name, module in list(self.named_modules()):
+            if isinstance(module, nn.Linear) and FP8_WEIGHT.search(f"{name}.weight"):
+                parent, _, child = name.rpartition(".")
+                setattr(self.get_submodule(parent), child, FP8Linear(
+                    module.in_features, module.out_features, scale_fmt, kernel=self.impl.fp8_kernel))
+
+    @property
+    def attn_impl(self) -> str:
+        return self.impl.attn_impl
+
+    @property
+    def moe_impl(self) -> str:
+        return self.impl.moe_impl
+
+    @property
+    def gemm_impl(self) -> str:
+        return self.impl.gemm_impl
+
+    @property
+    def unused_tensors(self) -> list[str]:
+        """Shortcut to load_report.unused_tensors (empty for a model built here)."""
+        return list(self.load_report.unused_tensors) if self.load_report else []
+
+    @property
+    def load_notes(self) -> list[str]:
+        """Shortcut to load_report.notes (empty for a model built here)."""
+        return list(self.load_report.notes) if self.load_report else []
+
+    def set_attn_order(self, attn_order: str) -> None:
+        """Switch the order absorbed attention computes chunks in (same weights, same cache)."""
+        self.impl = self.impl.replace(attn_order=attn_order)
+        for layer in self.model.layers:
+            layer.self_attn.attn_order = attn_order
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -78,6 +124,12 @@ class DeepseekV3(nn.Module):
         for name, b in self.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 nn.init.zeros_(b)
+        for module in self.modules():
+            if isinstance(module, FP8Linear):
+                w = torch.empty(module.weight.shape, device=module.weight.device).normal_(0.0, std)
+                q, scale = quantize_weight(w, scale_fmt=module.scale_fmt)
+                module.weight.copy_(q)
+                module.weight_scale_inv.copy_(scale)
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -121,20 +173,19 @@ class DeepseekV3(nn.Module):
         Its kind follows attn_impl: the latent c^KV and k^R for "absorb", per-head K and V for
         "naive". dtype and device follow the model unless given.
         """
-        return KVCache(self.config, batch_size, max_seq_len, CACHE_KIND_FOR_ATTN[self.attn_impl],
+        return KVCache(self.config, batch_size, max_seq_len, self.attn_impl,
                        dtype=dtype or self.dtype, device=device or self.device, n_layers=len(self.model.layers))
 
     def _check_cache(self, cache: KVCache, b: int) -> None:
         """Raise a clear error for a cache that was not made by this model's `new_cache`."""
         if not isinstance(cache, KVCache):
             raise TypeError(f"cache: expected a KVCache (model.new_cache), found {type(cache).__name__}")
-        want = CACHE_KIND_FOR_ATTN[self.attn_impl]
-        if cache.kind != want:
-            raise ValueError(f"cache: found a {cache.kind!r} cache, attn_impl={self.attn_impl!r} needs a "
-                             f"{want!r} one (make it with model.new_cache)")
+        if cache.attn_impl != self.attn_impl:
+            raise ValueError(f"cache: made for attn_impl={cache.attn_impl!r}, this model computes attn_impl="
+                             f"{self.attn_impl!r} (make it with model.new_cache)")
         if cache.batch_size != b:
             raise ValueError(f"cache: made for batch_size={cache.batch_size}, input_ids has batch {b}")
-        shapes = cache_shapes(self.config, cache.kind, cache.batch_size, cache.max_seq_len)
+        shapes = cache_shapes(self.config, cache.attn_impl, cache.batch_size, cache.max_seq_len)
         if len(cache.layers) != len(self.model.layers) or cache.shapes() != shapes:
             raise ValueError(f"cache: made for another config ({len(cache.layers)} layers of {cache.shapes()}); this "
                              f"model needs {len(self.model.layers)} layers of {shapes} (make it with model.new_cache)")
@@ -226,28 +277,19 @@ class DeepseekV3(nn.Module):
 
     def loss(self, input_ids: torch.Tensor, mtp_lambda: float = DEFAULT_MTP_LAMBDA) -> dict[str, torch.Tensor]:
         """Training losses on token sequences input_ids (b, T): next-token cross-entropy of the main
-        model, and the MTP objective of eqs. 24-25 over the model's D modules.
+        model, plus the MTP objective of eqs. 24-25 (`dsv3ref.mtp.mtp_loss`).
 
         Returns {"loss": main + mtp, "main": ..., "mtp": lambda / D * sum_k L^k, "mtp_per_depth": (D,)}.
         """
-        t = input_ids.shape[1]
         depth_count = len(self.mtp_layers)
-        if t < depth_count + 2:
-            raise ValueError(f"input_ids: {t} tokens are too few for {depth_count} MTP depth(s); expected at least "
-                             f"{depth_count + 2}")
+        if input_ids.shape[1] < depth_count + 2:
+            raise ValueError(f"input_ids: {input_ids.shape[1]} tokens are too few for {depth_count} MTP depth(s); "
+                             f"expected at least {depth_count + 2}")
         h = self.hidden_states(input_ids)  # (b, T, d), h^0
         main = F.cross_entropy(rearrange(self.lm_head(h[:, :-1]), "b t v -> (b t) v"),
                                rearrange(input_ids[:, 1:], "b t -> (b t)").long())
-        per_depth = []
-        for k in range(1, depth_count + 1):
-            n = t - 1 - k  # positions i = 0 .. T-2-k predict t_{i+k+1}
-            h = self.mtp_hidden_states(k, h[:, :n], input_ids[:, k:k + n])
-            logits = self.mtp_logits(k, h)
-            per_depth.append(F.cross_entropy(rearrange(logits, "b t v -> (b t) v"),
-                                             rearrange(input_ids[:, k + 1:k + 1 + n], "b t -> (b t)").long()))
-        mtp = mtp_lambda * torch.stack(per_depth).mean() if per_depth else main.new_zeros(())
-        return {"loss": main + mtp, "main": main, "mtp": mtp,
-                "mtp_per_depth": torch.stack(per_depth) if per_depth else main.new_zeros(0)}
+        mtp, per_depth = mtp_loss(self, h, input_ids, mtp_lambda)
+        return {"loss": main + mtp, "main": main, "mtp": mtp, "mtp_per_depth": per_depth}
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 start_pos: int | torch.Tensor = 0) -> torch.Tensor:
@@ -271,18 +313,20 @@ class DeepseekV3(nn.Module):
         gemm_impl: str = "bf16",
         fp8_kernel: str = "emulate",
         check_finite: bool = True,
+        attn_order: str = "auto",
     ) -> DeepseekV3:
         """Load a checkpoint folder (config.json + model.safetensors or shards with an index).
 
         For FP8 checkpoints, gemm_impl "bf16" dequantizes the weights on load (to `dtype`) and "fp8"
         keeps them in FP8 and runs the block-scaled FP8 GEMM (see dsv3ref.fp8), emulated exactly
         (fp8_kernel "emulate") or through torch's scaled_mm ("scaled_mm": a CPU, or an SM90 GPU).
+        The other keywords are the model's (see the class docstring); `model.load_report` says what
+        loading found.
 
         Names, shapes and dtypes are checked from the file headers before any weight memory is
         allocated; every weight is checked to be finite as it is read (a streaming reduction: 15% of
         the load time of a checkpoint in the page cache, less from disk; check_finite=False skips it).
         """
-        from dsv3ref.checkpoint import load_pretrained
-
-        return load_pretrained(cls, path, dtype=dtype, device=device, attn_impl=attn_impl, moe_impl=moe_impl,
-                               gemm_impl=gemm_impl, fp8_kernel=fp8_kernel, check_finite_values=check_finite)
+        impl = Implementation(attn_impl=attn_impl, attn_order=attn_order, moe_impl=moe_impl, gemm_impl=gemm_impl,
+                              fp8_kernel=fp8_kernel)
+        return load_pretrained(cls, path, impl=impl, dtype=dtype, device=device, check_finite_values=check_finite)

@@ -14,10 +14,9 @@ from torch import nn
 
 from dsv3ref.config import ModelConfig
 from dsv3ref.experts import StackedExperts
+from dsv3ref.impl import check_choice
 from dsv3ref.mlp import MLP
 from dsv3ref.router import Router
-
-MOE_IMPLS = ("loop", "grouped")
 
 
 class MoE(nn.Module):
@@ -29,9 +28,7 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, moe_impl: str = "loop"):
         super().__init__()
-        if moe_impl not in MOE_IMPLS:
-            raise ValueError(f"moe_impl: found {moe_impl!r}, expected one of {MOE_IMPLS}")
-        self.moe_impl = moe_impl
+        self.moe_impl = check_choice("moe_impl", moe_impl)
         self.gate = Router(cfg)
         if moe_impl == "loop":
             self.experts = LoopExperts(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
@@ -43,12 +40,12 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (b, t, dim) -> (b, t, dim)."""
-        tokens = rearrange(x, "b t d -> (b t) d")
+        tokens = rearrange(x, "b t c -> (b t) c")
         weights, ids = self.gate(tokens)  # (n, k), (n, k)
         out = self.experts(tokens, weights, ids)  # (n, dim): sum of g * expert output
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
-        return rearrange(out, "(b t) d -> b t d", b=x.shape[0])
+        return rearrange(out, "(b t) c -> b t c", b=x.shape[0])
 
 
 class LoopExperts(nn.ModuleList):

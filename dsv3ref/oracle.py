@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dsv3ref.mtp import mtp_chain
+
 _POINTS = [
     (re.compile(r"^model\.embed_tokens$"), "output"),
     (re.compile(r"^model\.layers\.\d+\.input_layernorm$"), "input"),
@@ -113,9 +115,7 @@ def trace(model: nn.Module, input_ids: torch.Tensor, **forward_kwargs) -> Trace:
     depth = len(getattr(model, "mtp_layers", ()))
     if depth and not forward_kwargs and input_ids.shape[1] > depth:
         def run_mtp() -> None:
-            h, t = out["model.norm"], input_ids.shape[1]
-            for k in range(1, depth + 1):
-                h = model.mtp_hidden_states(k, h[:, : t - k], input_ids[:, k:])
+            mtp_chain(model, out["model.norm"], input_ids)
         n = model.config.num_hidden_layers
         in_mtp = re.compile(rf"^model\.layers\.({'|'.join(str(n + k) for k in range(depth))})([.:]|$)")
         # keep the MTP modules' points; the shared embedding's second use is not a new point

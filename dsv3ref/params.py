@@ -6,7 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv3ref.block import DecoderLayer
 from dsv3ref.config import ModelConfig
+from dsv3ref.mlp import MLP
+from dsv3ref.mtp import mtp_parameter_count
+from dsv3ref.norm import RMSNorm
 
 
 @dataclass(frozen=True)
@@ -40,10 +44,6 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
     balancing rule, not by gradient descent, and is left out as in the published count. Every
     dense layer has the same shapes, and so has every MoE layer, so one of each is built.
     """
-    from dsv3ref.block import DecoderLayer
-    from dsv3ref.mlp import MLP
-    from dsv3ref.norm import RMSNorm
-
     with torch.device("meta"):
         layer_size: dict[bool, int] = {}  # is_moe -> parameters of such a layer
         for i in range(cfg.num_hidden_layers):
@@ -51,7 +51,6 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
                 layer_size[cfg.is_moe_layer(i)] = _numel(DecoderLayer(cfg, i))
         expert = MLP(cfg.hidden_size, cfg.moe_intermediate_size)
         final_norm = RMSNorm(cfg.hidden_size)
-        mtp_layer = DecoderLayer(cfg, cfg.num_hidden_layers) if cfg.num_nextn_predict_layers else None
     per_layer = tuple(layer_size[cfg.is_moe_layer(i)] for i in range(cfg.num_hidden_layers))
     embedding = cfg.vocab_size * cfg.hidden_size
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
@@ -59,10 +58,5 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
     routed_expert = _numel(expert)
     n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     idle = n_moe * (cfg.n_routed_experts - cfg.num_experts_per_tok) * routed_expert
-    mtp = 0
-    if mtp_layer is not None:
-        d = cfg.hidden_size
-        # enorm, hnorm, eh_proj (d x 2d), one decoder layer, shared_head.norm
-        mtp = cfg.num_nextn_predict_layers * (d + d + 2 * d * d + _numel(mtp_layer) + d)
     return ParameterCount(total=total, activated=total - idle, embedding=embedding, head=head,
-                          per_layer=per_layer, routed_expert=routed_expert, mtp=mtp)
+                          per_layer=per_layer, routed_expert=routed_expert, mtp=mtp_parameter_count(cfg))

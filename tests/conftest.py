@@ -2,6 +2,10 @@ import os
 
 import pytest
 import torch
+from helpers import tiny_config
+
+import dsv3ref
+from dsv3ref.convert import convert
 
 # Two threads: the CI machine's core count. Results do not depend on it.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -10,3 +14,17 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def fp8_folder(tmp_path_factory):
+    """An FP8 checkpoint in the published format: a random tiny model (sizes that are not multiples of
+    128, one MTP module) saved, then converted with the bf16-to-fp8 converter."""
+
+
+    tmp = tmp_path_factory.mktemp("fp8_folder")
+    cfg = tiny_config(hidden_size=160, intermediate_size=200, num_nextn_predict_layers=1)
+    torch.manual_seed(50)
+    dsv3ref.save_pretrained(dsv3ref.DeepseekV3(cfg).eval(), tmp / "f32")
+    convert(tmp / "f32", tmp / "fp8", "bf16-to-fp8")
+    return tmp / "fp8"

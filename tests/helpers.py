@@ -9,6 +9,7 @@ import torch
 
 import dsv3ref
 from dsv3ref import ModelConfig, RopeScaling
+from dsv3ref.rope import RotaryEmbedding
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,3 +74,26 @@ def hf_load(folder: Path):
     from transformers import DeepseekV3ForCausalLM
 
     return DeepseekV3ForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def mtp_config(**changes):
+    return tiny_config(num_nextn_predict_layers=changes.pop("depth", 1), **changes)
+
+
+def direct_mtp(model, depth, h_prev, next_ids):
+    """Eqs. 21-23 written out: [enorm(Emb(t_{i+k})) ; hnorm(h_i^{k-1})] -> eh_proj -> one decoder layer
+    (pre-norm attention + pre-norm FFN, causal, RoPE positions 0..) -> shared_head.norm -> head."""
+    layer = model.model.layers[model.config.num_hidden_layers + depth - 1]
+    emb = model.model.embed_tokens.weight[next_ids]  # (b, t, d)
+
+    def rms(x, w):
+        return w * x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + model.config.rms_norm_eps)
+
+    x = torch.cat([rms(emb, layer.enorm.weight), rms(h_prev, layer.hnorm.weight)], dim=-1) @ layer.eh_proj.weight.T
+    b, t = next_ids.shape
+    pos = torch.arange(t).expand(b, t)
+    cos, sin = RotaryEmbedding(model.config)(pos, x.dtype)
+    mask = torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t)
+    h = x + layer.self_attn(rms(x, layer.input_layernorm.weight), cos, sin, mask)
+    h = h + layer.mlp(rms(h, layer.post_attention_layernorm.weight))
+    return h, rms(h, layer.shared_head.norm.weight) @ model.lm_head.weight.T

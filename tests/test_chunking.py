@@ -16,27 +16,13 @@ the bug this file guards against, moved them by 6e-3 to 6e-2.
 import pytest
 import torch
 from einops import rearrange, repeat
-from helpers import rel_err, tiny_config
+from helpers import rel_err
 
-import dsv3ref
 from dsv3ref import DeepseekV3, generate
-from dsv3ref.convert import convert
 from dsv3ref.fp8 import E4M3, FP8Linear
 
 SEQ = 12
 CHUNKINGS = {"single tokens": [1] * SEQ, "uneven chunks": [5, 1, 6]}
-
-
-@pytest.fixture(scope="module")
-def fp8_folder(tmp_path_factory):
-    """An FP8 checkpoint in the published format (bf16-to-fp8 conversion of a random model), with
-    sizes that are not multiples of 128 and one MTP module."""
-    tmp = tmp_path_factory.mktemp("chunking")
-    cfg = tiny_config(hidden_size=160, intermediate_size=200, num_nextn_predict_layers=1)
-    torch.manual_seed(50)
-    dsv3ref.save_pretrained(DeepseekV3(cfg).eval(), tmp / "f32")
-    convert(tmp / "f32", tmp / "fp8", "bf16-to-fp8", progress=None)
-    return tmp / "fp8"
 
 
 def load(folder, gemm, attn_impl, order, moe_impl, dtype):
@@ -45,8 +31,7 @@ def load(folder, gemm, attn_impl, order, moe_impl, dtype):
     model = DeepseekV3.from_pretrained(folder, dtype=dtype, attn_impl=attn_impl, moe_impl=moe_impl,
                                        gemm_impl=gemm_impl, fp8_kernel=kernel or "emulate")
     if order is not None:
-        for layer in model.model.layers:
-            layer.self_attn.order = order
+        model.set_attn_order(order)
     return model
 
 

@@ -1,18 +1,18 @@
-"""Grouped experts against the per-expert loop, routing capture, and the balancing rules.
+"""The MoE layer against a dense all-experts computation, and grouped experts against the per-expert
+loop (forward and gradients).
 
 Tolerance: float32 outputs and gradients of the grouped and loop paths agree to a relative error
 (max |diff| / max |ref|) below 1e-5 (they differ in summation order only); float64 below 1e-12.
 """
 
-from collections import Counter
-
 import pytest
 import torch
-from helpers import hf_model, random_dsv3ref, rel_err, tiny_config
+from helpers import hf_model, rel_err, tiny_config
 
 import dsv3ref
-from dsv3ref import DeepseekV3, routing
+from dsv3ref import DeepseekV3
 from dsv3ref.experts import grouped_linear
+from dsv3ref.mlp import MLP
 from dsv3ref.moe import MoE
 
 
@@ -45,6 +45,32 @@ def check_forward_and_backward(loop, grouped, x, tol):
     # with one normalized expert per token the gate value is 1 and the router's gradient is zero
     gate_l, gate_g = loop.gate.weight.grad, grouped.gate.weight.grad
     assert (gate_g - gate_l).abs().max() <= tol * max(gate_l.abs().max().item(), 1.0)
+
+
+def test_mlp_is_swiglu():
+    mlp = MLP(8, 16).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    a = x @ mlp.gate_proj.weight.T
+    expected = ((a / (1 + torch.exp(-a))) * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+    assert rel_err(mlp(x), expected) < 1e-14
+
+
+def test_moe_loop_matches_dense_all_experts_computation():
+    """Run every expert on every token and weigh by a dense (tokens, experts) gate matrix, in float64."""
+    cfg = tiny_config(n_shared_experts=2)
+    moe = MoE(cfg).double()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+        moe.gate.e_score_correction_bias.normal_(0, 0.3)
+    x = torch.randn(3, 11, cfg.hidden_size, dtype=torch.float64)
+    tokens = x.reshape(-1, cfg.hidden_size)
+    weights, ids = moe.gate(tokens)
+    gate = torch.zeros(tokens.shape[0], cfg.n_routed_experts, dtype=torch.float64)
+    gate.scatter_(1, ids, weights)
+    all_out = torch.stack([e(tokens) for e in moe.experts], dim=1)  # (n, experts, dim)
+    expected = (gate[..., None] * all_out).sum(1) + moe.shared_experts(tokens)
+    assert rel_err(moe(x).reshape(-1, cfg.hidden_size), expected) < 1e-13
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
@@ -87,6 +113,13 @@ def test_grouped_linear_fallback_equals_grouped_mm():
     assert rel_err(grouped_linear(x.double(), w.double(), counts), expected.double()) < 1e-6  # the fallback
 
 
+def test_grouped_matches_loop_when_split_into_many_blocks():
+    cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    loop, grouped = moe_pair(cfg)
+    grouped.experts.block_rows = 7  # 3 * 13 tokens * 4 experts = 156 assignments: many runs of whole experts
+    check_forward_and_backward(loop, grouped, torch.randn(3, 13, cfg.hidden_size), 1e-5)
+
+
 def test_full_model_grouped_equals_loop_and_hf(tmp_path):
     cfg = tiny_config()
     hf = hf_model(cfg, tmp_path / "cfg", seed=12)
@@ -102,107 +135,6 @@ def test_full_model_grouped_equals_loop_and_hf(tmp_path):
     dsv3ref.save_pretrained(grouped, tmp_path / "ours")
     again = DeepseekV3.from_pretrained(tmp_path / "ours")
     assert all(torch.equal(again.state_dict()[k], v) for k, v in loop.state_dict().items())
-
-
-def test_capture_records_every_router_decision_and_is_off_by_default():
-    cfg = tiny_config(num_hidden_layers=3, first_k_dense_replace=1)
-    model = random_dsv3ref(cfg, seed=13, moe_impl="grouped")
-    ids = torch.randint(0, cfg.vocab_size, (2, 11))
-    with torch.no_grad(), routing.capture(model) as records:
-        model(ids)
-        model(ids[:, :4])
-    assert sorted(records) == [1, 2] and all(len(r) == 2 for r in records.values())
-    first = records[1][0]
-    assert first.ids.shape == (22, cfg.num_experts_per_tok) and first.groups.shape == (22, cfg.topk_group)
-    assert first.counts.sum() == 22 * cfg.num_experts_per_tok
-    per_group = cfg.n_routed_experts // cfg.n_group
-    assert all(set((row // per_group).tolist()) <= set(g.tolist()) for row, g in zip(first.ids, first.groups,
-                                                                                      strict=True))
-    # the recorded decision is what the router computes on that layer's input (taken from a trace)
-    layer = model.model.layers[1]
-    residual = dsv3ref.trace(model, ids)["model.layers.1.post_attention_layernorm:input"]
-    with torch.no_grad():
-        weights, chosen = layer.mlp.gate(layer.post_attention_layernorm(residual).reshape(22, -1))
-    assert torch.equal(first.ids, chosen) and torch.equal(first.weights, weights)
-    tally = Counter(chosen.flatten().tolist())  # tokens per expert, counted from the router's choice
-    assert first.counts.tolist() == [tally[e] for e in range(cfg.n_routed_experts)]
-    # and capturing is off again afterwards
-    assert all(r.records is None for r in routing.routers(model).values())
-
-
-def test_update_bias_hand_computed():
-    bias = torch.tensor([0.5, -0.25, 0.0, 0.125])
-    load = torch.tensor([3, 1, 2, 2])  # mean 2: expert 0 is hot, expert 1 is cold
-    routing.update_bias(bias, load, gamma=0.125)
-    assert bias.tolist() == [0.375, -0.125, 0.0, 0.125]
-
-
-def test_bias_updates_even_out_the_load():
-    cfg = tiny_config(first_k_dense_replace=0, num_hidden_layers=1, n_routed_experts=16, n_group=4, topk_group=2,
-                      num_experts_per_tok=2)
-    model = random_dsv3ref(cfg, seed=14, moe_impl="grouped")
-    router = model.model.layers[0].mlp.gate
-    with torch.no_grad():
-        router.e_score_correction_bias.zero_()
-        router.weight[:4] += 0.5 * router.weight[:4].sign()  # experts 0-3 attract far more tokens
-    ids = torch.randint(0, cfg.vocab_size, (4, 64))
-
-    def load():
-        with torch.no_grad(), routing.capture(model) as records:
-            model(ids)
-        return records[0][0].counts.float()
-
-    before = load()
-    for _ in range(200):
-        routing.update_bias(router.e_score_correction_bias, load(), gamma=0.01)
-    after = load()
-    imbalance = lambda c: (c.max() / c.mean()).item()  # noqa: E731
-    assert imbalance(after) < 0.6 * imbalance(before)
-
-
-def test_sequence_balance_loss_hand_computed():
-    scores = torch.tensor([[[1.0, 1.0, 1.0, 1.0], [3.0, 1.0, 0.0, 0.0]]], requires_grad=True)
-    ids = torch.tensor([[[2], [0]]])
-    # s' = [.25 .25 .25 .25], [.75 .25 0 0]; P = [.5 .25 .125 .125]; f = 4/(1*2) * [1 0 1 0] = [2 0 2 0]
-    loss = routing.sequence_balance_loss(scores, ids, alpha=0.1)
-    assert loss.item() == pytest.approx(0.1 * (2 * 0.5 + 2 * 0.125), rel=1e-6)
-    loss.backward()
-    # d/ds of alpha * sum_i f_i * mean_t s_it / sum_j s_jt, for token 0 (sum 4): alpha/2 * (f_i - sum_j f_j s'_j) / 4
-    expected = 0.1 / 2 * (torch.tensor([2.0, 0, 2, 0]) - 1.0) / 4
-    assert torch.allclose(scores.grad[0, 0], expected, atol=1e-7)
-
-
-def test_sequence_balance_loss_with_two_experts_per_token_hand_computed():
-    """Eq. 18 with K_r = 2: f_i = N_r / (K_r T) * (tokens choosing i). Without the K_r the loss doubles."""
-    scores = torch.tensor([[[2.0, 1.0, 1.0, 0.0],
-                            [1.0, 1.0, 1.0, 1.0],
-                            [0.0, 0.0, 1.0, 3.0]]])  # (1 sequence, T = 3 tokens, N_r = 4)
-    ids = torch.tensor([[[0, 1], [1, 2], [2, 3]]])  # K_r = 2
-    # s' rows: [.5 .25 .25 0], [.25 .25 .25 .25], [0 0 .25 .75]; P = mean = [.25 .1667 .25 .3333]
-    # counts [1 2 2 1]; f = 4 / (2 * 3) * counts = [2/3 4/3 4/3 2/3]
-    # sum f_i P_i = (2/3)(1/4) + (4/3)(1/6) + (4/3)(1/4) + (2/3)(1/3) = 1/6 + 2/9 + 1/3 + 2/9 = 17/18
-    loss = routing.sequence_balance_loss(scores, ids, alpha=0.1)
-    assert loss.item() == pytest.approx(0.1 * 17 / 18, rel=1e-6)
-
-
-def test_sequence_balance_loss_averages_sequences():
-    g = torch.Generator().manual_seed(0)
-    scores = torch.rand(3, 10, 8, generator=g)
-    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(30)]).reshape(3, 10, 2)
-    whole = routing.sequence_balance_loss(scores, ids)
-    each = [routing.sequence_balance_loss(scores[i:i + 1], ids[i:i + 1]) for i in range(3)]
-    assert whole.item() == pytest.approx(sum(e.item() for e in each) / 3, rel=1e-6)
-    # perfectly balanced routing with uniform scores gives alpha * 1
-    uniform = torch.ones(1, 8, 8)
-    balanced = torch.arange(8).reshape(1, 8, 1)
-    assert routing.sequence_balance_loss(uniform, balanced, alpha=1.0).item() == pytest.approx(1.0)
-
-
-def test_grouped_matches_loop_when_split_into_many_blocks():
-    cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
-    loop, grouped = moe_pair(cfg)
-    grouped.experts.block_rows = 7  # 3 * 13 tokens * 4 experts = 156 assignments: many runs of whole experts
-    check_forward_and_backward(loop, grouped, torch.randn(3, 13, cfg.hidden_size), 1e-5)
 
 
 def test_stacked_weights_are_built_once_and_never_copied_in_forward(tmp_path):

@@ -6,13 +6,13 @@ default; the injected bugs below change their first point by far more than that.
 
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 from helpers import hf_model, random_dsv3ref, tiny_config
 
-import dsv3ref
-from dsv3ref import DeepseekV3, compare, trace, trace_hf
+from dsv3ref import DeepseekV3, compare, planted_bugs, trace, trace_hf
 
 EXPECTED_POINTS_PER_MOE_LAYER = ["input_layernorm:input", "self_attn", "post_attention_layernorm:input",
                                  "mlp.gate:weights", "mlp.gate:ids", "mlp.experts", "mlp.shared_experts", "mlp", ""]
@@ -60,63 +60,26 @@ def test_float64_run_agrees_with_float32_within_float32_roundoff(checkpoint):
     assert not compare(t64, t32, rtol=1e-9).ok  # float32 really is less exact: the check can fail
 
 
-def half_split_rope(x, cos, sin):
-    """The bug: rotate (x_i, x_{i+d/2}) pairs instead of DeepSeek's interleaved (x_{2i}, x_{2i+1})."""
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
-
-
 def first_divergence_with(path, cfg, inject):
     ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(3))
-    good = DeepseekV3.from_pretrained(path)
-    bad = DeepseekV3.from_pretrained(path)
-    reference = trace(good, ids)
-    with inject(bad):
-        other = trace(bad, ids)
+    model = DeepseekV3.from_pretrained(path)
+    reference = trace(model, ids)
+    with inject(model):
+        other = trace(model, ids)
+    after = trace(model, ids)  # the bug is gone again: the same model traces as before
+    assert compare(reference, after, rtol=0.0).ok, inject
     return compare(reference, other)
 
 
-def test_compare_names_the_first_diverging_module_for_injected_bugs(checkpoint, monkeypatch):
-    import contextlib
-
+def test_compare_names_the_first_diverging_module_for_planted_bugs(checkpoint):
     cfg, _, path = checkpoint
-
-    @contextlib.contextmanager
-    def non_interleaved_rope(model):
-        with monkeypatch.context() as m:
-            m.setattr(dsv3ref.mla, "apply_rope", half_split_rope)
-            yield
-
-    @contextlib.contextmanager
-    def bias_in_combine_weights(model):  # layer 2's router adds its bias to the gate values
-        gate = model.model.layers[2].mlp.gate
-        plain = gate.forward
-
-        def buggy(x):
-            weights, ids = plain(x)
-            return weights + gate.e_score_correction_bias[ids], ids
-        gate.forward = buggy
-        yield
-
-    @contextlib.contextmanager
-    def yarn_mscale_forgotten(model):  # softmax scale without the mscale^2 correction
-        for layer in model.model.layers:
-            layer.self_attn.softmax_scale = cfg.qk_head_dim ** -0.5
-        yield
-
-    @contextlib.contextmanager
-    def swapped_shared_expert(model):  # layer 3's shared expert with gate and up exchanged
-        mlp = model.model.layers[3].mlp.shared_experts
-        mlp.gate_proj, mlp.up_proj = mlp.up_proj, mlp.gate_proj
-        yield
-
-    cases = {non_interleaved_rope: "model.layers.0.self_attn",
-             bias_in_combine_weights: "model.layers.2.mlp.gate:weights",
-             yarn_mscale_forgotten: "model.layers.0.self_attn",
-             swapped_shared_expert: "model.layers.3.mlp.shared_experts"}
+    cases = {planted_bugs.non_interleaved_rope: "model.layers.0.self_attn",
+             partial(planted_bugs.bias_in_combine_weights, layer=2): "model.layers.2.mlp.gate:weights",
+             planted_bugs.yarn_without_mscale: "model.layers.0.self_attn",
+             partial(planted_bugs.swapped_shared_expert, layer=3): "model.layers.3.mlp.shared_experts"}
     for inject, expected in cases.items():
         result = first_divergence_with(path, cfg, inject)
-        assert result.first_divergence == expected, (inject.__name__, str(result))
+        assert result.first_divergence == expected, (inject, str(result))
         assert ">>" + expected in str(result)
 
 

@@ -208,7 +208,7 @@ for name, n in per_layer.items():
           f"{n * layers * 2 / 1024:8.1f} KiB/token over {layers} layers in bf16")
 mla_bytes = kv_cache_bytes(v3, 1, torch.bfloat16)
 print(f"kv_cache_bytes(deepseek-v3, 1 token, bf16): {mla_bytes}")
-print(f"128K tokens of context: MLA {kv_cache_bytes(v3, 131072)['mla'] / 2**30:.1f} GiB, "
+print(f"128K tokens of context: MLA {kv_cache_bytes(v3, 131072)['absorb'] / 2**30:.1f} GiB, "
       f"naive {kv_cache_bytes(v3, 131072)['naive'] / 2**30:.0f} GiB")"""),
     ("md", r"""## 4. Decode time against context
 
@@ -233,8 +233,7 @@ contexts = [128, 512, 1024, 2048]
 
 def decode_ms(model, order, context, steps=4):
     # the fastest of a few decode steps: the minimum is robust to a busy machine
-    for layer in model.model.layers:
-        layer.self_attn.order = order
+    model.set_attn_order(order)
     cache = model.new_cache(1, context + 1)
     for layer in cache.layers:  # random latents stand in for a prefill of `context` tokens
         for t in layer.values():
@@ -265,7 +264,7 @@ ax1.set_ylabel("ms per decoded token")
 ax1.set_title("decode time")
 ax1.legend()
 cache_mib = {name: [kv_cache_bytes(bench_cfg, c, torch.float32)[kind] / 2**20 for c in contexts]
-             for name, kind in [("latent (absorbed, re-expanded)", "mla"), ("naive (full K/V)", "naive")]}
+             for name, kind in [("latent (absorbed, re-expanded)", "absorb"), ("naive (full K/V)", "naive")]}
 for name, mib in cache_mib.items():
     ax2.plot(contexts, mib, marker="o", label=name)
 ax2.set_xlabel("tokens in the cache")
@@ -273,8 +272,8 @@ ax2.set_ylabel("MiB (float32)")
 ax2.set_title("cache size")
 ax2.legend()
 fig.tight_layout()
-memory_ratio = kv_cache_bytes(bench_cfg, 1)["naive"] / kv_cache_bytes(bench_cfg, 1)["mla"]
-v3_ratio = mla_bytes["naive"] / mla_bytes["mla"]
+memory_ratio = kv_cache_bytes(bench_cfg, 1)["naive"] / kv_cache_bytes(bench_cfg, 1)["absorb"]
+v3_ratio = mla_bytes["naive"] / mla_bytes["absorb"]
 print(f"naive cache / latent cache: {memory_ratio:.1f}x here, {v3_ratio:.1f}x for DeepSeek-V3")"""),
     ("md", """Absorbed decoding grows slowly with context and keeps the small cache; re-expanding the latent
 each step costs a projection of the whole context per token; the naive path is quick per step but
@@ -283,10 +282,8 @@ pays in memory, by the ratio printed above."""),
     ("code", """check_cfg = ModelConfig.preset("tiny")
 torch.manual_seed(1)
 ref = DeepseekV3(check_cfg).eval()
-fast = DeepseekV3(check_cfg, attn_impl="absorb").eval()
+fast = DeepseekV3(check_cfg, attn_impl="absorb", attn_order="absorbed").eval()  # absorbed maths for prefill too
 fast.load_state_dict(ref.state_dict())
-for layer in fast.model.layers:
-    layer.self_attn.order = "absorbed"        # absorbed maths for prefill too
 ids = torch.randint(0, check_cfg.vocab_size, (2, 20))
 worst = 0.0
 with torch.no_grad():
@@ -302,7 +299,7 @@ print(f"worst relative difference, absorbed vs naive vs full recompute: {worst:.
 
 assert score_gap < 1e-12 and value_gap < 1e-12                # the absorption identity, float64
 assert worst < 1e-5                                           # absorbed == naive == recompute, float32
-assert mla_bytes["mla"] == 61 * 576 * 2                       # 70,272 bytes: about 70 KB per token
+assert mla_bytes["absorb"] == 61 * 576 * 2                       # 70,272 bytes: about 70 KB per token
 assert per_layer["MLA"] / d_h == 4.5                          # the V2 report's "4.5 d_h"
 growth = {name: ms[-1] / ms[0] for name, ms in times.items()}
 assert growth["re-expanded"] > 2 * growth["absorbed"]         # re-expanding grows far faster with context
@@ -478,8 +475,8 @@ point by point, and let `compare` name the first point past tolerance. Then we p
 that have shipped in public implementations and watch `compare` point at the exact layer and tensor.
 
 Covers the whole forward pass of the report's §2.1; no new equations."""),
-    ("code", """import contextlib
-import tempfile
+    ("code", """import tempfile
+from functools import partial
 
 import torch
 
@@ -493,6 +490,9 @@ model = DeepseekV3(cfg)
 for name, p in model.named_parameters():            # weights large enough for the bugs to matter
     if "norm" not in name:
         p.normal_(0, 1.0 if "embed" in name else p.shape[-1] ** -0.5)
+for name, b in model.named_buffers():               # a trained router's balancing bias is not zero
+    if name.endswith("e_score_correction_bias"):
+        b.normal_(0, 0.1)
 folder = tempfile.mkdtemp()
 dsv3ref.save_pretrained(model, folder)
 ids = torch.randint(0, cfg.vocab_size, (2, 40))"""),
@@ -532,64 +532,23 @@ reference trace.
    adding it to the gate values too changes every MoE output.
 3. **YaRN without the mscale correction of the softmax scale.** With `factor` > 1 the attention
    logits must be scaled by $(0.1 \\ln s + 1)^2$ as well."""),
-    ("code", """def half_split_rope(x, cos, sin):
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    ("code", """from dsv3ref import planted_bugs
 
-
-@contextlib.contextmanager
-def non_interleaved_rope(model):
-    original = dsv3ref.mla.apply_rope
-    dsv3ref.mla.apply_rope = half_split_rope
-    try:
-        yield
-    finally:
-        dsv3ref.mla.apply_rope = original
-
-
-@contextlib.contextmanager
-def bias_in_combine_weights(model, layer=2):
-    gate = model.model.layers[layer].mlp.gate
-    plain = gate.forward
-    with torch.no_grad():
-        gate.e_score_correction_bias.copy_(0.1 * torch.randn_like(gate.e_score_correction_bias))
-
-    def buggy(x):
-        weights, ids = plain(x)
-        return weights + gate.e_score_correction_bias[ids], ids
-    gate.forward = buggy
-    yield
-
-
-@contextlib.contextmanager
-def yarn_without_mscale(model):
-    for layer in model.model.layers:
-        layer.self_attn.softmax_scale = cfg.qk_head_dim ** -0.5
-    yield
-
-
+bugs = {"non_interleaved_rope": planted_bugs.non_interleaved_rope,
+        "bias_in_combine_weights": partial(planted_bugs.bias_in_combine_weights, layer=2),
+        "yarn_without_mscale": planted_bugs.yarn_without_mscale}
 found = {}
-for bug in (non_interleaved_rope, bias_in_combine_weights, yarn_without_mscale):
-    broken = DeepseekV3.from_pretrained(folder)
-    with bug(broken):
-        if bug is bias_in_combine_weights:  # the reference must carry the same (non-zero) bias
-            good = DeepseekV3.from_pretrained(folder)
-            good.model.layers[2].mlp.gate.e_score_correction_bias.copy_(
-                broken.model.layers[2].mlp.gate.e_score_correction_bias)
-            ref = trace(good, ids)
-        else:
-            ref = reference
-        result = compare(ref, trace(broken, ids))
-    found[bug.__name__] = result.first_divergence
-    print(f"{bug.__name__:26s} -> first divergence: {result.first_divergence}")"""),
+broken = DeepseekV3.from_pretrained(folder)
+for name, bug in bugs.items():
+    with bug(broken):                               # each bug is undone when its block ends
+        result = compare(reference, trace(broken, ids))
+    found[name] = result.first_divergence
+    print(f"{name:26s} -> first divergence: {result.first_divergence}")"""),
     ("md", """The table for the second bug: everything up to layer 2's router agrees to rounding; the router's
 gate values are the first point past tolerance (`>>`), its choice of experts (`:ids`) is unchanged,
 and everything downstream differs because of it."""),
-    ("code", """broken = DeepseekV3.from_pretrained(folder)
-with bias_in_combine_weights(broken):
-    good = DeepseekV3.from_pretrained(folder)
-    good.model.layers[2].mlp.gate.e_score_correction_bias.copy_(broken.model.layers[2].mlp.gate.e_score_correction_bias)
-    table = compare(trace(good, ids), trace(broken, ids))
+    ("code", """with planted_bugs.bias_in_combine_weights(broken, layer=2):
+    table = compare(reference, trace(broken, ids))
 print("\\n".join(str(table).splitlines()[16:30]))"""),
     ("md", """## 4. float64 as the oracle's own reference
 

@@ -1,0 +1,76 @@
+"""How the model computes: one vocabulary for every implementation choice.
+
+The configuration (`ModelConfig`) says *what* is computed: the checkpoint's mathematics. An
+`Implementation` says *how*: which of dsv3ref's equivalent code paths run it. Every path is
+tested equal to the readable one, so a choice changes speed and memory, never the result beyond
+rounding (FP8 GEMMs aside: they quantize activations, by design).
+
+| field        | values                                   | readable oracle | where it acts                       |
+|--------------|------------------------------------------|-----------------|-------------------------------------|
+| `attn_impl`  | "naive", "absorb"                        | "naive"         | `mla.MLA`, the cache kind           |
+| `attn_order` | "auto", "absorbed", "expanded"           | "auto"          | `mla.MLA` with attn_impl="absorb"   |
+| `moe_impl`   | "loop", "grouped"                        | "loop"          | `moe.MoE`                           |
+| `gemm_impl`  | "bf16", "fp8"                            | "bf16"          | checkpoint loading (`FP8Linear`)    |
+| `fp8_kernel` | "emulate", "scaled_mm"                   | "emulate"       | `fp8.FP8Linear`                     |
+
+The same names are used everywhere: `DeepseekV3(cfg, attn_impl=...)`, `DeepseekV3.from_pretrained(...,
+attn_impl=...)`, `model.impl`, `model.new_cache` and `KVCache(attn_impl=...)`, `kv_cache_bytes` (keyed
+by attn_impl), the CLI flags (`--attn-impl`, ...) and the docs. They are checked here and only here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "attn_impl": ("naive", "absorb"),
+    "attn_order": ("auto", "absorbed", "expanded"),
+    "moe_impl": ("loop", "grouped"),
+    "gemm_impl": ("bf16", "fp8"),
+    "fp8_kernel": ("emulate", "scaled_mm"),
+}
+"""Every field and the values it takes."""
+
+
+def check_choice(field: str, value: Any) -> str:
+    """Return value if it is one of CHOICES[field], else raise a ValueError naming the field."""
+    if value not in CHOICES[field]:
+        raise ValueError(f"{field}: found {value!r}, expected one of {CHOICES[field]}")
+    return value
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """Which code paths compute the model (see the module docstring for every value)."""
+
+    attn_impl: str = "naive"
+    """"naive": expand per-head keys and values from the latent (cache: per-head K and V); "absorb":
+    attend in latent space with W^UK and W^UV folded in (cache: the latent c^KV and k^R)."""
+    attn_order: str = "auto"
+    """For attn_impl="absorb": the order a chunk is computed in ("auto": the cheaper one where both
+    orders round alike, else the absorbed one; see dsv3ref.mla)."""
+    moe_impl: str = "loop"
+    """"loop": one expert at a time; "grouped": stacked expert weights and one grouped GEMM."""
+    gemm_impl: str = "bf16"
+    """For FP8 checkpoints: "bf16" dequantizes the weights on load; "fp8" keeps them in FP8 and runs
+    the block-scaled FP8 GEMM (1 x 128 activation tiles, 128 x 128 weight blocks)."""
+    fp8_kernel: str = "emulate"
+    """For gemm_impl="fp8": "emulate" (exact, any device) or "scaled_mm" (torch's scaled_mm)."""
+
+    def __post_init__(self) -> None:
+        for field in CHOICES:
+            check_choice(field, getattr(self, field))
+        if self.attn_order != "auto" and self.attn_impl != "absorb":
+            raise ValueError(f"attn_order={self.attn_order!r} chooses the order of absorbed attention: it needs "
+                             f"attn_impl='absorb' (found {self.attn_impl!r})")
+        if self.fp8_kernel != "emulate" and self.gemm_impl != "fp8":
+            raise ValueError(f"fp8_kernel={self.fp8_kernel!r} chooses how FP8 weights are multiplied: it needs "
+                             "gemm_impl='fp8'")
+        if self.gemm_impl == "fp8" and self.moe_impl != "loop":
+            raise ValueError("gemm_impl='fp8' runs the experts as separate FP8 layers: use moe_impl='loop'")
+
+    def replace(self, **changes: Any) -> Implementation:
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **changes)
