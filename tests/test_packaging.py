@@ -37,18 +37,3 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(example, "README.md", "exec"), {})
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()
-
-
-def test_committed_notebooks_are_the_generators_output():
-    import importlib.util
-
-    import nbformat
-
-    spec = importlib.util.spec_from_file_location("make_notebooks", ROOT / "tools" / "make_notebooks.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    assert sorted(gen.NOTEBOOKS) == sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
-    for name, cells in gen.NOTEBOOKS.items():
-        committed = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-        assert [c.source for c in committed.cells] == [c.source for c in gen.build(name, cells).cells], name
-        assert all(not c.get("outputs") for c in committed.cells)  # committed with outputs cleared

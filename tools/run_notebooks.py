@@ -1,0 +1,82 @@
+"""Run every notebook top to bottom and save it in place with its outputs, as JupyterLab does.
+
+    .venv/bin/python tools/run_notebooks.py              # all of notebooks/*.ipynb
+    .venv/bin/python tools/run_notebooks.py 02_mla       # some, by name
+
+The notebooks are the course's source: edit them in JupyterLab (jupytext keeps each paired
+`notebooks/NN_name.py` in step on save) or edit the `.py` and run this. Before running, each
+notebook is synced with its `.py` (`jupytext --sync`: the newer side wins, so an edit made on either
+side is kept). The executed notebook is saved with its figures and text outputs, so the code host
+shows them; what would change on every run without meaning anything is left out: per-cell timing
+metadata. A run that writes to stderr, raises, or prints a machine path or an object address fails
+(tests/test_notebooks.py checks the same on every CI run).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+
+
+def problems(nb: nbformat.NotebookNode) -> list[str]:
+    """What must not be in an executed notebook: errors, stderr, machine paths, object addresses."""
+    found = []
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            if out.output_type == "error":
+                found.append(f"cell {i}: {out.ename}: {out.evalue}")
+            elif out.output_type == "stream" and out.name == "stderr":
+                found.append(f"cell {i}: stderr: {out.text.strip()[:200]}")
+            text = out.get("text", "") or out.get("data", {}).get("text/plain", "")
+            if isinstance(text, list):
+                text = "".join(text)
+            for marker in (" at 0x", "/tmp/", str(ROOT)):
+                if marker in text:
+                    found.append(f"cell {i}: output shows {marker!r}: {text.strip()[:200]}")
+    return found
+
+
+def run(path: Path) -> list[str]:
+    subprocess.run([sys.executable, "-m", "jupytext", "--quiet", "--sync", str(path)], check=True)
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=600, kernel_name="python3", record_timing=False,
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    try:
+        client.execute()
+    except CellExecutionError as e:
+        return [f"a cell failed: {str(e).strip().splitlines()[-1][:300]}"]
+    nb.metadata["kernelspec"] = KERNELSPEC
+    found = problems(nb)
+    if not found:
+        nbformat.write(nb, path)
+        subprocess.run([sys.executable, "-m", "jupytext", "--quiet", "--sync", str(path)], check=True)
+    return found
+
+
+def main(names: list[str]) -> int:
+    paths = sorted(NOTEBOOKS.glob("*.ipynb"))
+    if names:
+        paths = [p for p in paths if p.stem in names]
+    failed = False
+    for path in paths:
+        start = time.perf_counter()
+        found = run(path)
+        print(f"{path.name:24s} {time.perf_counter() - start:5.1f} s  {'ok' if not found else 'NOT SAVED'}")
+        for line in found:
+            print("   ", line)
+        failed |= bool(found)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
