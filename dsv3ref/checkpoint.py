@@ -25,7 +25,7 @@ from safetensors import safe_open
 from dsv3ref.atomic import atomic_save_tensors, atomic_write_text, is_plain_name
 from dsv3ref.config import ModelConfig
 from dsv3ref.fp8 import BLOCK, E4M3_MAX, QUANTIZATION_CONFIG, SCALE_SUFFIX, dequantize_weight, scaled_mm_recipe
-from dsv3ref.impl import Implementation
+from dsv3ref.impl import CHOICES, Implementation
 from dsv3ref.mtp import checkpoint_copies
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+GEMM_IMPLS = CHOICES["gemm_impl"]  # the vocabulary's values (dsv3ref.impl)
 
 
 class CheckpointError(ValueError):

@@ -44,6 +44,7 @@ from dsv3ref.checkpoint import (
 )
 from dsv3ref.fp8 import E4M3, FP8_WEIGHT, QUANTIZATION_CONFIG, SCALE_SUFFIX, dequantize_weight, quantize_weight
 
+FP8_LINEAR = FP8_WEIGHT  # the former name of the rule, which dsv3ref.fp8 now owns
 DIRECTIONS = ("fp8-to-bf16", "bf16-to-fp8")
 MANIFEST = "conversion.json"
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from dsv3ref.impl import check_choice
+from dsv3ref.impl import CHOICES, check_choice
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -42,6 +42,7 @@ SCALE_SUFFIX = "_scale_inv"  # checkpoint name of a weight's block scales: "x.we
 QUANTIZATION_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                        "weight_block_size": [BLOCK, BLOCK]}
 """config.json's `quantization_config` of a checkpoint in this format (DeepSeek-V3's release)."""
+FP8_KERNELS = CHOICES["fp8_kernel"]  # the vocabulary's values (dsv3ref.impl)
 FP8_WEIGHT = re.compile(r"\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
                         r"|mlp\.(shared_experts\.|experts\.\d+\.)?(gate_proj|up_proj|down_proj))\.weight$")
 """The weights DeepSeek-V3's release stores in FP8: the linear projections of attention and of every

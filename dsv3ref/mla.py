@@ -59,9 +59,11 @@ from torch import nn
 
 from dsv3ref.config import ModelConfig
 from dsv3ref.fp8 import FP8Linear, linear_weight
-from dsv3ref.impl import Implementation
+from dsv3ref.impl import CHOICES, Implementation
 from dsv3ref.norm import RMSNorm
 from dsv3ref.rope import apply_rope, softmax_scale
+
+ATTN_IMPLS, ORDERS = CHOICES["attn_impl"], CHOICES["attn_order"]  # the vocabulary's values (dsv3ref.impl)
 
 
 def absorbed_is_cheaper(t: int, s: int, r: int, h: int, dn: int, dr: int, dv: int) -> bool:
@@ -99,6 +101,16 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * cfg.v_head_dim, dim, bias=cfg.attention_bias)
+
+    @property
+    def order(self) -> str:
+        """The former name of attn_order (read-only: change it with model.set_attn_order)."""
+        return self.attn_order
+
+    @order.setter
+    def order(self, value: str) -> None:
+        raise AttributeError(f"MLA.order is now attn_order, chosen with the model: DeepseekV3(..., "
+                             f"attn_order={value!r}) or model.set_attn_order({value!r})")
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (b, t, dim) -> q_nope (b, t, h, qk_nope_head_dim), q_rope (b, t, h, qk_rope_head_dim), rotated."""

@@ -14,9 +14,11 @@ from torch import nn
 
 from dsv3ref.config import ModelConfig
 from dsv3ref.experts import StackedExperts
-from dsv3ref.impl import check_choice
+from dsv3ref.impl import CHOICES, check_choice
 from dsv3ref.mlp import MLP
 from dsv3ref.router import Router
+
+MOE_IMPLS = CHOICES["moe_impl"]  # the vocabulary's values (dsv3ref.impl)
 
 
 class MoE(nn.Module):

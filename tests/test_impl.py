@@ -137,6 +137,17 @@ def test_a_name_outside_the_vocabulary_gets_the_same_error_everywhere(field, cap
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
 
 
+def test_the_order_is_chosen_on_the_model_and_the_old_attribute_says_so():
+    model = DeepseekV3(tiny_config(), attn_impl="absorb", attn_order="expanded")
+    assert [layer.self_attn.attn_order for layer in model.model.layers] == ["expanded"] * 3
+    model.set_attn_order("absorbed")
+    assert model.impl.attn_order == "absorbed" and model.model.layers[2].self_attn.order == "absorbed"
+    with pytest.raises(AttributeError, match=r"MLA.order is now attn_order.*set_attn_order\('auto'\)"):
+        model.model.layers[0].self_attn.order = "auto"  # not a silent no-op
+    with pytest.raises(ValueError, match="attn_order='expanded' chooses the order of absorbed attention"):
+        DeepseekV3(tiny_config(), attn_order="expanded")
+
+
 def test_loading_reports_what_it_found_as_a_declared_result(fp8_folder):
     model = DeepseekV3.from_pretrained(fp8_folder)
     assert model.load_report.path == fp8_folder and model.load_report.unused_tensors == ()
