@@ -97,7 +97,8 @@ def _reply(model, tokenizer, ids, args, out) -> list[int]:
             out.flush()
 
     result = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      top_k=args.top_k, eos_token_id=tokenizer.eos_token_id, seed=args.seed, stream=stream)
+                      top_k=args.top_k, eos_token_id=tokenizer.eos_token_id, seed=args.seed, stream=stream,
+                      compile=getattr(args, "compile", False))
     out.write("\n")
     return result.tokens[0]
 
@@ -202,6 +203,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--compile", action="store_true", help="decode through torch.compile (one graph, captured once)")
     _impl_args(p)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import reduce
+from einops import einsum, reduce
 from torch import nn
 
 
@@ -67,6 +67,31 @@ class StackedExperts(nn.Module):
     def forward(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """tokens (n, dim), gate values weights (n, k), expert ids (n, k) -> sum_k weight * expert(token), (n, dim)."""
         n, k = ids.shape
+        if torch.compiler.is_compiling():  # static shapes, one graph (decode-sized inputs)
+            if 2 * n * k <= self.n_experts:
+                return self.gathered(tokens, weights, ids)  # few assignments: read just the chosen experts
+            if n * k <= self.n_experts:
+                return self.dense(tokens, weights, ids)  # most experts in use: read each one once
+        return self.grouped(tokens, weights, ids)
+
+    def dense(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same sum, static shapes again: every token through every expert, each expert's weights
+        read once, the unchosen ones weighted by zero. For torch.compile when a batch's tokens use
+        most experts anyway (gathering would then copy some experts several times)."""
+        gates = torch.zeros(ids.shape[0], self.n_experts, dtype=tokens.dtype, device=tokens.device)
+        gates = gates.scatter(1, ids, weights.to(tokens.dtype))  # (n, e), zero where not chosen
+        e, f, c = self.gate_up_proj.shape
+        # (n, c) @ (e f, c).T: the stacked weights read in place, as one matrix (no transposed copy)
+        gate, up = F.linear(tokens, self.gate_up_proj.reshape(e * f, c)).unflatten(-1, (e, f)).split(
+            self.inter_dim, dim=-1)
+        h = F.silu(gate) * up * gates[..., None]  # (n, e, inter)
+        # per expert (n, inter) @ (inter, c), on strided views of h and down_proj; summed over experts
+        return torch.bmm(h.transpose(0, 1), self.down_proj.transpose(1, 2)).sum(0)  # (n, c)
+
+    @torch.compiler.disable  # sizes that depend on the routing: always eager, between compiled parts
+    def grouped(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The sorted, blocked grouped-GEMM computation described in the module docstring."""
+        n, k = ids.shape
         flat = ids.reshape(-1)  # (n*k,) the expert of each assignment
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         counts = torch.bincount(flat, minlength=self.n_experts)  # (experts,) rows per expert
@@ -84,6 +109,18 @@ class StackedExperts(nn.Module):
         # Each token's k contributions are added in a fixed order, so the result is deterministic on
         # every device (unlike an atomic scatter-add on a GPU).
         return reduce(unsorted, "(n k) c -> n c", "sum", k=k)
+
+    def gathered(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same sum with shapes that do not depend on the routing, for torch.compile (the sorted
+        blocks above have data-dependent sizes, and torch's CPU grouped_mm has no kernel for the
+        compiler's shape propagation). Each (token, slot) gathers its expert's weights: at decode,
+        exactly the k experts a token reads. Used under compile while tokens * k <= experts (decode);
+        a longer input (prefill) keeps the grouped path, outside the graph, since gathering would copy
+        k experts' weights per token. Same arguments and result as `forward`."""
+        gate_up = self.gate_up_proj[ids]  # (n, k, 2 * inter, dim)
+        gate, up = einsum(tokens, gate_up, "n c, n k f c -> n k f").split(self.inter_dim, dim=-1)
+        h = F.silu(gate) * up * weights[..., None].to(tokens.dtype)  # (n, k, inter)
+        return einsum(h, self.down_proj[ids], "n k i, n k c i -> n c")
 
     def _blocks(self, counts: list[int]):
         """Cut the experts into consecutive runs holding at least block_rows assignments each (an

@@ -87,8 +87,36 @@ def _prompts(input_ids, attention_mask) -> list[list[int]]:
     return rows
 
 
+COMPILE_CACHE_BUCKET = 256
+"""With compile=True, cache lengths are rounded up to a multiple of this: one decode graph serves every
+prompt and max_new_tokens whose total falls in the same bucket (and batch size)."""
+
+
+def compiled_steps(model: DeepseekV3) -> dict[str, Callable]:
+    """The model's forward passes under torch.compile, built once per model and kept on it
+    (`model.compiled_steps`), each captured whole (fullgraph=True):
+
+    - "decode": one token per row, `model(ids (b, 1), cache, start_pos (b,) tensor)`: one graph for every
+      step, position and row layout (positions are tensors, keys span the whole static cache);
+    - "prefill": `model.hidden_states(ids (b, t), cache, start_pos)` with t dynamic: attention and the
+      dense layers compiled (at most two graphs, one per attention order that attn_order="auto" picks),
+      the routed experts run between them through the grouped GEMM (their sizes depend on the routing);
+    - "verify": speculative decoding's pass over [token, D drafts], `model.hidden_states` (1, D + 1).
+
+    On CUDA they use mode="reduce-overhead" (CUDA graphs over the static cache). Compiled calls skip the
+    input checks that would read values back to the host; eager calls keep them.
+    """
+    if not model.compiled_steps:
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        model.compiled_steps.update(
+            decode=torch.compile(model, fullgraph=True, dynamic=False, mode=mode),
+            prefill=torch.compile(model.hidden_states, dynamic=True),
+            verify=torch.compile(model.hidden_states, fullgraph=True, dynamic=False, mode=mode))
+    return model.compiled_steps
+
+
 def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, eos: set[int],
-           stream) -> tuple[list[list[int]], list[bool], dict, KVCache]:
+           stream, compile: bool = False) -> tuple[list[list[int]], list[bool], dict, KVCache]:
     """Batched decoding, one token per row per forward pass."""
     device, batch = model.device, len(prompts)
     longest = max(map(len, prompts))
@@ -96,10 +124,14 @@ def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sam
     padded = torch.zeros(batch, longest, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         padded[b, : len(p)] = torch.tensor(p, device=device)
-    cache = model.new_cache(batch, longest + max_new_tokens)
+    length = longest + max_new_tokens
+    if compile:  # a compiled step is specialized to its cache's size: round it up, so that calls share graphs
+        length = min(-(-length // COMPILE_CACHE_BUCKET) * COMPILE_CACHE_BUCKET, model.config.max_position_embeddings)
+    cache = model.new_cache(batch, length)
 
     start = time.perf_counter()
-    hidden = model.hidden_states(padded, cache, 0)  # (b, longest, dim)
+    steps = compiled_steps(model) if compile else {"prefill": model.hidden_states, "decode": model}
+    hidden = steps["prefill"](padded, cache, 0)  # (b, longest, dim)
     logits = model.lm_head(hidden[torch.arange(batch, device=device), lengths - 1])  # (b, vocab)
     prefill_s = time.perf_counter() - start
     positions = lengths.clone()  # where each row's next token goes
@@ -121,7 +153,7 @@ def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sam
             stream(emitted)
         if all(finished) or step == max_new_tokens - 1:
             break
-        logits = model(next_ids[:, None], cache, start_pos=positions)[:, -1]
+        logits = steps["decode"](next_ids[:, None], cache, positions)[:, -1]  # positions: a (b,) tensor
         positions += 1
         passes += 1
     stats = {"prefill_seconds": prefill_s, "decode_seconds": time.perf_counter() - start, "forward_passes": passes,
@@ -142,6 +174,7 @@ def generate(
     stream: Callable[[list[int | None]], None] | None = None,
     attention_mask: torch.Tensor | None = None,
     speculative: bool = False,
+    compile: bool = False,
 ) -> Generation:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
@@ -153,6 +186,8 @@ def generate(
     the new token or None for the other rows. speculative: draft with the model's MTP modules and
     verify with the main model (rows are then decoded one after another); the tokens are those of
     plain decoding (greedy) or follow its distribution (sampling), and `stats` reports the acceptance.
+    compile: run the forward passes through torch.compile (`compiled_steps`: captured once per model,
+    no recompilation from one decode step to the next); the tokens are those of eager decoding.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens: expected a positive integer, found {max_new_tokens!r}")
@@ -189,7 +224,7 @@ def generate(
     sampler = Sampler(temperature, top_k, top_p, generator)
 
     if not speculative:
-        tokens, finished, stats, _ = _plain(model, prompts, max_new_tokens, sampler, eos, stream)
+        tokens, finished, stats, _ = _plain(model, prompts, max_new_tokens, sampler, eos, stream, compile)
     else:
         tokens, finished, totals = [], [], {}
         for row, prompt in enumerate(prompts):
@@ -198,7 +233,8 @@ def generate(
                     stream([tok if b == row else None for b in range(len(prompts))])
                 return tok in eos
 
-            out, done, stats, _ = speculative_decode(model, prompt, max_new_tokens, sampler, eos, emit)
+            main_pass = compiled_steps(model)["verify"] if compile else model.hidden_states
+            out, done, stats, _ = speculative_decode(model, prompt, max_new_tokens, sampler, eos, emit, main_pass)
             tokens.append(out)
             finished.append(done)
             for key, value in stats.items():

@@ -235,7 +235,9 @@ class MLA(nn.Module):
         q_nope (b, t, h, dn), q_rope (b, t, h, dr), c_kv (b, s, r), k_rope (b, s, dr), mask (b, t, s)
         -> (b, t, h * dv). Costs O(s * h * (r + dr)) per query instead of expanding s keys and values.
         """
-        w = rearrange(linear_weight(self.kv_b_proj, q_nope.dtype), "(h d) r -> h d r", h=self.n_heads)
+        # kv_b_proj's rows are head-major: (h (dn + dv)) -> (h, dn + dv, r). (unflatten rather than einops
+        # here: einops' type cache would record the Parameter class while torch.compile traces it.)
+        w = linear_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (self.n_heads, -1))
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]  # (h, dn, r), (h, dv, r)
         q_latent = einsum(q_nope, w_uk, "b t h d, h d r -> b t h r")  # the query, moved into latent space
         scores = einsum(q_latent, c_kv, "b t h r, b s r -> b h t s") + einsum(

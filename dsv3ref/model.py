@@ -63,6 +63,9 @@ class DeepseekV3(nn.Module):
         self.impl = impl
         self.load_report: LoadReport | None = None
         """What from_pretrained found (source, unused tensors, notes); None for a model built here."""
+        self.compiled_steps: dict = {}
+        """This model's forward passes under torch.compile, built on first use by
+        dsv3ref.generate.compiled_steps (generate(..., compile=True)) and kept for later calls."""
         self.model = DeepseekV3Body(cfg, impl)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg)
@@ -161,6 +164,8 @@ class DeepseekV3(nn.Module):
             raise ValueError("input_ids: the batch is empty (shape[0] == 0)")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids: the sequence is empty (shape[1] == 0)")
+        if torch.compiler.is_compiling():
+            return  # reading values back would split the graph: compiled calls check shapes and types only
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"input_ids: token ids must lie in [0, vocab_size={self.config.vocab_size}), "
@@ -208,6 +213,8 @@ class DeepseekV3(nn.Module):
                              f"{tuple(start.shape)}")
         positions = start.reshape(-1, 1) + torch.arange(t, device=input_ids.device)  # (b or 1, t)
         positions = positions.expand(b, t)
+        if torch.compiler.is_compiling():
+            return positions  # the checks below read values back or compare shapes: eager calls only
         if int(positions.min()) < 0:
             raise ValueError(f"start_pos: positions must be >= 0, found start_pos={start.tolist()}")
         end = int(positions.max()) + 1
@@ -234,7 +241,10 @@ class DeepseekV3(nn.Module):
         if cache is None:  # keys are the chunk itself
             mask = rearrange(positions, "b s -> b 1 s") <= rearrange(positions, "b t -> b t 1")  # (b, t, t)
         else:  # keys are cache indices 0 .. end-1, index = position
-            keys = torch.arange(int(positions.max()) + 1, device=input_ids.device)
+            # Compiled, every index of the cache is a key (masked beyond each query's position), so that
+            # the shapes, and the graph, do not change from one decode step to the next.
+            end = cache.max_seq_len if torch.compiler.is_compiling() else int(positions.max()) + 1
+            keys = torch.arange(end, device=input_ids.device)
             mask = rearrange(keys, "s -> 1 1 s") <= rearrange(positions, "b t -> b t 1")  # (b, t, end)
         return positions, cos, sin, mask
 

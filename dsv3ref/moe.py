@@ -58,6 +58,18 @@ class LoopExperts(nn.ModuleList):
 
         tokens (n, dim), weights (n, k), ids (n, k) -> (n, dim).
         """
+        if torch.compiler.is_compiling() and ids.numel() <= len(self):
+            # Decode-sized input under torch.compile: static shapes, every expert on every token, weighted
+            # by the token's gate value for it (zero where not chosen): n_experts / k times the work, the
+            # loop's result to float rounding. (moe_impl="grouped" gathers just the chosen experts.)
+            gates = torch.zeros(tokens.shape[0], len(self), dtype=tokens.dtype, device=tokens.device)
+            gates = gates.scatter(1, ids, weights.to(tokens.dtype))  # (n, experts)
+            return sum(expert(tokens) * gates[:, e, None] for e, expert in enumerate(self))
+        return self.loop(tokens, weights, ids)
+
+    @torch.compiler.disable  # sizes that depend on the routing: always eager, between compiled parts
+    def loop(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One expert at a time, on the tokens routed to it (see `forward`)."""
         out = torch.zeros_like(tokens)
         for e, expert in enumerate(self):
             token_idx, slot = torch.where(ids == e)  # the tokens that chose expert e, and in which slot

@@ -43,14 +43,17 @@ def verify(drafts: list[int], draft_probs: list[torch.Tensor], target: torch.Ten
 
 
 def speculative_decode(model, prompt: list[int], max_new_tokens: int, sampler: Sampler, eos: set[int],
-                 emit) -> tuple[list[int], bool, dict, KVCache]:
+                       emit, main_pass=None) -> tuple[list[int], bool, dict, KVCache]:
     """Self-speculative decoding of one sequence (see the module docstring).
+
+    main_pass: the main model's pass over [token, drafts], `model.hidden_states` (or a compiled copy).
 
     State between steps: tokens t_0..t_p are decided, the main model has processed positions < p
     (t_p is its next input), `main_hidden` holds its final-norm hidden states h^0 for those positions,
     and the MTP caches are final for positions < `mtp_from`.
     """
     depth = len(model.mtp_layers)
+    main_pass = main_pass or model.hidden_states
     device, n_prompt = model.device, len(prompt)
     cache = model.new_cache(1, n_prompt + max_new_tokens + depth)
     main_hidden = torch.zeros(1, n_prompt + max_new_tokens + depth, model.config.hidden_size, dtype=model.dtype,
@@ -78,7 +81,7 @@ def speculative_decode(model, prompt: list[int], max_new_tokens: int, sampler: S
             draft_probs.append(q[0])
         mtp_from = max(0, p - depth)  # positions below are final: all their t_{i+k} are decided
         # Verify: one main-model pass over [t_p, drafts]; its logits at j predict t_{p+j+1}.
-        hv = model.hidden_states(torch.tensor([[seq[p]] + drafts], device=device), cache, start_pos=p)
+        hv = main_pass(torch.tensor([[seq[p]] + drafts], device=device), cache, torch.tensor([p], device=device))
         target = sampler.probs(model.lm_head(hv[0]))  # (depth + 1, vocab)
         passes += 1
         drafted += depth

@@ -85,13 +85,21 @@ def test_jupyterlab_runs_a_notebook_in_a_real_browser(jupyterlab):
             "--disable-background-networking", "--disable-component-update", "--disable-sync"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(120_000)
+            page.set_default_timeout(180_000)
             page.goto(f"{url}/lab/tree/{NOTEBOOK}?token={token}")
-            # Run All during kernel start-up does nothing: wait until the kernel reports idle.
+            # Run All during kernel start-up does nothing: wait until the kernel reports idle, in the
+            # notebook's toolbar and in the status bar (which shows a kernel only once one is connected).
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
-            page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-            page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
-            page.wait_for_selector(".jp-OutputArea-output:has-text('all checks passed')")
+            page.wait_for_selector(".jp-StatusBar-Widget:has-text('Idle')")
+            for attempt in range(3):  # should the click still land before the kernel listens, run again
+                page.locator(".lm-MenuBar-item", has_text="Run").first.click()
+                page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
+                try:
+                    page.wait_for_selector(".jp-OutputArea-output:has-text('all checks passed')", timeout=90_000)
+                    break
+                except sync_api.TimeoutError:
+                    if attempt == 2:
+                        raise
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
             stderr = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count()
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.error']").count()

@@ -69,8 +69,8 @@ MUTATIONS = [
              "return base_freq * ramp + base_freq / rs.factor * (1 - ramp)", ("tests/test_rope.py",)),
     # ---- MLA
     Mutation("absorb-halves", "absorbed MLA splitting kv_b_proj as (dim, head) instead of (head, dim)",
-             "dsv3ref/mla.py", 'rearrange(linear_weight(self.kv_b_proj, q_nope.dtype), "(h d) r -> h d r"',
-             'rearrange(linear_weight(self.kv_b_proj, q_nope.dtype), "(d h) r -> h d r"',
+             "dsv3ref/mla.py", "linear_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (self.n_heads, -1))",
+             "linear_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (-1, self.n_heads)).transpose(0, 1)",
              ("tests/test_mla.py",)),
     Mutation("absorb-no-rope-score", "absorbed MLA leaving out the decoupled rotary part of the score",
              "dsv3ref/mla.py", 'scores = einsum(q_latent, c_kv, "b t h r, b s r -> b h t s") + einsum(',
