@@ -44,6 +44,7 @@ from dsv3ref.generate import Generation, generate
 from dsv3ref.impl import Implementation
 from dsv3ref.model import DeepseekV3
 from dsv3ref.oracle import Comparison, compare, trace, trace_hf, trace_modules
+from dsv3ref.parallel.planner import MemoryPlan, plan
 from dsv3ref.params import ParameterCount, count_parameters
 from dsv3ref.tokenizer import StreamDecoder, Tokenizer
 
@@ -54,6 +55,7 @@ __all__ = [
     "Generation",
     "Implementation",
     "KVCache",
+    "MemoryPlan",
     "ModelConfig",
     "ParameterCount",
     "RopeScaling",
@@ -63,6 +65,7 @@ __all__ = [
     "count_parameters",
     "generate",
     "kv_cache_bytes",
+    "plan",
     "planted_bugs",
     "routing",
     "save_pretrained",

@@ -20,9 +20,11 @@ from dsv3ref.config import ModelConfig
 from dsv3ref.impl import CHOICES, check_choice
 
 
-def cache_shapes(cfg: ModelConfig, attn_impl: str, batch_size: int, max_seq_len: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of one layer's cache tensors for attention implementation `attn_impl`."""
-    b, s, h = batch_size, max_seq_len, cfg.num_attention_heads
+def cache_shapes(cfg: ModelConfig, attn_impl: str, batch_size: int, max_seq_len: int, heads: int | None = None
+                 ) -> dict[str, tuple[int, ...]]:
+    """Shapes of one layer's cache tensors for attention implementation `attn_impl`. heads: the
+    attention heads this process computes (default all; fewer when heads are split across processes)."""
+    b, s, h = batch_size, max_seq_len, heads or cfg.num_attention_heads
     if check_choice("attn_impl", attn_impl) == "absorb":
         return {"c_kv": (b, s, cfg.kv_lora_rank), "k_rope": (b, s, cfg.qk_rope_head_dim)}
     return {"k": (b, s, h, cfg.qk_head_dim), "v": (b, s, h, cfg.v_head_dim)}
@@ -39,14 +41,15 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int, attn_impl: str,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", n_layers: int | None = None):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", n_layers: int | None = None,
+                 heads: int | None = None):
         for name, value in (("batch_size", batch_size), ("max_seq_len", max_seq_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: expected a positive integer, found {value!r}")
         if max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len: found {max_seq_len}, expected at most max_position_embeddings="
                              f"{cfg.max_position_embeddings}")
-        shapes = cache_shapes(cfg, attn_impl, batch_size, max_seq_len)
+        shapes = cache_shapes(cfg, attn_impl, batch_size, max_seq_len, heads)
         self.attn_impl = attn_impl
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len

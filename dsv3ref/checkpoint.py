@@ -12,8 +12,9 @@ interrupted save never leaves a half-written file behind.
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
+from tqdm import tqdm
 
 from dsv3ref.atomic import atomic_save_tensors, atomic_write_text, is_plain_name
 from dsv3ref.config import ModelConfig
@@ -241,6 +243,8 @@ class LoadReport:
     num_nextn_predict_layers, or all of them when the checkpoint's config switches MTP off)."""
     notes: tuple[str, ...]
     """Decisions taken while loading, in words (e.g. MTP switched off for lack of its weights)."""
+    bytes_read: int = 0
+    """Bytes of tensor data read from the files (with a parallel plan: this process's parts only)."""
 
 
 def _check_fp8_config(cfg: ModelConfig, path: Path) -> str | None:
@@ -260,8 +264,37 @@ def _check_fp8_config(cfg: ModelConfig, path: Path) -> str | None:
     return scale_fmt
 
 
-def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, device, check_finite_values: bool = True
-                    ) -> DeepseekV3:
+@dataclass(frozen=True)
+class Shard:
+    """The part of a stored tensor that one process holds: indices [start, stop) along `dim`.
+
+    Made by a parallel plan (dsv3ref.parallel) for every tensor it splits; the loader reads just
+    this part from the file (`safe_open(...).get_slice`), never the whole tensor. An FP8 weight's
+    block scales are sliced on the same 128-block grid.
+    """
+
+    dim: int
+    start: int
+    stop: int
+
+    def index(self, ndim: int) -> tuple[slice, ...]:
+        """The slices that cut this part out of a tensor with ndim dimensions."""
+        return tuple(slice(self.start, self.stop) if d == self.dim else slice(None) for d in range(ndim))
+
+    def blocks(self, block: int = BLOCK) -> Shard:
+        """The part of the block-scale grid covering this part: block rows (or columns) start // block
+        to ceil(stop / block)."""
+        return Shard(self.dim, self.start // block, -(-self.stop // block))
+
+
+Parallelize = Callable[["DeepseekV3"], dict[str, Shard]]
+"""A parallel plan applied to the model built on the meta device: it cuts the model down to this
+process's part and returns the Shard of every tensor it split (tensors it dropped, such as other
+ranks' experts, are not read)."""
+
+
+def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, device, check_finite_values: bool = True,
+                    parallelize: Parallelize | None = None, progress: bool | None = None) -> DeepseekV3:
     """Build `cls(config, impl=impl)` on `device` in `dtype` and fill it from the checkpoint in `path`.
 
     Everything that can be checked without the weights is checked before any weight memory is
@@ -278,6 +311,10 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
     with its `*.weight_scale_inv`. impl.gemm_impl "bf16" dequantizes them on load (to `dtype`);
     "fp8" keeps the weights the release stores in FP8 as they are (the model's `FP8Linear` layers)
     and dequantizes any other FP8 tensor.
+
+    parallelize: a parallel plan (see `Parallelize`; dsv3ref.parallel.from_pretrained passes one):
+    only this process's part of each tensor is read. progress: a tqdm bar over the bytes read
+    (None: shown when there is more than 1 GiB to read).
     """
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype: expected a floating torch.dtype such as torch.float32, found {dtype!r}")
@@ -308,22 +345,25 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
 
     with torch.device("meta"):
         model = cls(cfg, impl=impl).to(dtype)  # FP8Linear layers keep their E4M3 weights and float32 scales
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # meta: shapes, no memory
+    full = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # meta: shapes, no memory
+    shards = parallelize(model) if parallelize is not None else {}
+    local = {name: tuple(t.shape) for name, t in model.state_dict().items()}  # this process's part
     if cfg.tie_word_embeddings:
-        del expected["lm_head.weight"]  # the embedding, loaded under its own name
+        del full["lm_head.weight"], local["lm_head.weight"]  # the embedding, loaded under its own name
     copies = checkpoint_copies(cfg)
-    kept_fp8 = {name for name in fp8_weights if name + SCALE_SUFFIX in expected}  # loaded as FP8, as stored
-    for name in sorted(n.removesuffix(SCALE_SUFFIX) for n in expected if n.endswith(SCALE_SUFFIX)):
+    kept_fp8 = {name for name in fp8_weights if name + SCALE_SUFFIX in full}  # loaded as FP8, as stored
+    for name in sorted(n.removesuffix(SCALE_SUFFIX) for n in full if n.endswith(SCALE_SUFFIX)):
         if name in files and name not in fp8_weights:
             raise CheckpointError(f"{files[name]}: gemm_impl='fp8' runs {name} as an FP8 GEMM, but the checkpoint "
                                   "stores it in high precision (no weight_scale_inv); load with gemm_impl='bf16'")
 
-    # 1. Names, shapes and dtypes, from the index and the safetensors headers.
+    # 1. Names, shapes and dtypes, from the index and the safetensors headers (of every tensor, also
+    #    those another process reads).
     by_file: dict[Path, list[str]] = {}
     unused: list[str] = []
     for name, file in files.items():
         dequantized_scale = name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in fp8_weights - kept_fp8
-        if name in expected or name in copies or dequantized_scale:
+        if name in full or name in copies or dequantized_scale:
             by_file.setdefault(file, []).append(name)
             continue
         m = _LAYER.match(name)
@@ -332,9 +372,9 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
                                   "tie_word_embeddings=true (the head is the embedding)")
         if m and int(m.group(1)) >= n_main + n_mtp:
             unused.append(name)  # an MTP module beyond num_nextn_predict_layers (or MTP switched off)
-        else:
-            raise CheckpointError(f"{file}: unexpected tensor {name} (not a DeepSeek-V3 parameter for this "
-                                  f"config.json; {len(expected)} parameters expected)")
+            continue
+        raise CheckpointError(f"{file}: unexpected tensor {name} (not a parameter of the model described by "
+                              f"config.json; {len(full)} parameters expected)")
     present = set()
     for file, names in by_file.items():
         with open_safetensors(file) as f:
@@ -346,7 +386,7 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
                 shape, kind = tuple(sl.get_shape()), sl.get_dtype()
                 if name.endswith(SCALE_SUFFIX):
                     weight = name[: -len(SCALE_SUFFIX)]
-                    want = tuple(-(-d // BLOCK) for d in expected.get(copies.get(weight, weight), ()))
+                    want = tuple(-(-d // BLOCK) for d in full.get(copies.get(weight, weight), ()))
                     if shape != want:
                         raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {want} (one scale "
                                               f"per {BLOCK} x {BLOCK} block of {weight})")
@@ -354,7 +394,7 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
                         raise CheckpointError(f"{file}: tensor {name} has dtype {kind}, expected F32")
                     present.add(name)
                     continue
-                want = expected[copies.get(name, name)]
+                want = full[copies.get(name, name)]
                 if shape != want:
                     raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {want} "
                                           f"from config.json")
@@ -364,54 +404,129 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
                     raise CheckpointError(f"{file}: tensor {name} has dtype {kind}, expected one of "
                                           f"{sorted(allowed)}{hint}")
                 present.add(name)
-    missing = sorted(set(expected) - present)
+    missing = sorted(set(full) - present)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{path}: missing tensor(s) {shown}")
 
-    # 2. Allocate, read, check values, copy.
+    # 2. Allocate, read this process's part of each tensor, check values, copy.
+    def ours(name: str) -> bool:
+        return copies.get(name, name) in local
+    to_read = {file: [n for n in names if not n.endswith(SCALE_SUFFIX) and ours(n)] for file, names in by_file.items()}
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     targets = model.state_dict()
     copy_values = {}
-    with torch.no_grad():
-        for file, names in by_file.items():
+    reader = _Reader(files, shards, copies)
+    total = sum(reader.nbytes(file, name) for file, names in to_read.items() for name in names)
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"loading {path.name}",
+               disable=not (progress if progress is not None else total > 2**30))
+    with torch.no_grad(), bar:
+        for file, names in to_read.items():
             with open_safetensors(file) as f:
                 for name in names:
-                    if name.endswith(SCALE_SUFFIX):
-                        continue  # read with its weight
-                    value = read_tensor(f, file, name)
+                    value = reader.read(f, file, name)
                     if check_finite_values:
                         check_finite(value, file, name)
                     if name in fp8_weights:
-                        scale = read_scale(files, name, tuple(value.shape))
                         if name in kept_fp8:
-                            targets[name + SCALE_SUFFIX].copy_(scale)
+                            targets[name + SCALE_SUFFIX].copy_(reader.scale(name, tuple(value.shape)))
                         else:
-                            value = dequantize_weight(value, scale, dtype=dtype)
+                            value = reader.dequantize(name, value, dtype)
                             if check_finite_values:
                                 check_finite(value, file, f"{name} (dequantized to {dtype})")
                     if name in copies:
                         copy_values[name] = (file, value)
                     else:
                         targets[name].copy_(value)
+                    bar.update(reader.nbytes(file, name))
         for name, (file, value) in copy_values.items():
             main = targets[copies[name]]
             if not torch.equal(value.to(main.dtype), main):
                 raise CheckpointError(f"{file}: tensor {name} differs from {copies[name]}; dsv3ref shares the main "
                                       "model's embedding and head with the MTP modules, as the report does")
-    model.load_report = LoadReport(path=path, unused_tensors=tuple(sorted(unused)), notes=tuple(notes))
+    model.load_report = LoadReport(path=path, unused_tensors=tuple(sorted(unused)), notes=tuple(notes),
+                                   bytes_read=reader.bytes_read)
     return model.eval()
 
 
-def read_scale(files: dict[str, Path], weight: str, weight_shape: tuple[int, ...]) -> torch.Tensor:
-    """The weight_scale_inv of an FP8 weight of shape weight_shape, checked: one per 128 x 128 block,
-    finite, positive, and small enough that E4M3's largest value times it stays finite in float32."""
-    name = weight + SCALE_SUFFIX
-    file = files[name]
-    with open_safetensors(file) as f:
-        scale = read_tensor(f, file, name)
+class _Reader:
+    """Reads tensors, or this process's Shard of them, and counts the bytes taken from the files."""
+
+    def __init__(self, files: dict[str, Path], shards: dict[str, Shard], copies: dict[str, str]):
+        self.files, self.shards, self.copies = files, shards, copies
+        self.bytes_read = 0
+        self._sizes: dict[tuple[Path, str], int] = {}
+
+    def shard(self, name: str) -> Shard | None:
+        return self.shards.get(self.copies.get(name, name))
+
+    def nbytes(self, file: Path, name: str) -> int:
+        """Bytes of `name` this process reads (its Shard of the tensor), for the progress bar."""
+        if (file, name) not in self._sizes:
+            with open_safetensors(file) as f:
+                sl = f.get_slice(name)
+                shape, size = list(sl.get_shape()), _DTYPE_BYTES.get(sl.get_dtype(), 4)
+            if (shard := self.shard(name)) is not None:
+                shape[shard.dim] = shard.stop - shard.start
+            self._sizes[file, name] = math.prod(shape) * size
+        return self._sizes[file, name]
+
+    def read(self, f, file: Path, name: str, shard: Shard | None = None) -> torch.Tensor:
+        """The tensor, or just `shard` of it (default: this process's Shard), read from open file f."""
+        shard = shard or self.shard(name)
+        try:
+            value = f.get_tensor(name) if shard is None else f.get_slice(name)[shard.index(len(f.get_slice(name)
+                                                                                               .get_shape()))]
+        except Exception as e:
+            raise CheckpointError(f"{file}: tensor {name} cannot be read ({type(e).__name__}: {e})") from None
+        self.bytes_read += value.numel() * value.element_size()
+        return value
+
+    def scale(self, weight: str, weight_shape: tuple[int, ...], shard: Shard | None = None) -> torch.Tensor:
+        """The block scales of FP8 weight `weight` (this process's part: `weight_shape`), checked."""
+        name = weight + SCALE_SUFFIX
+        file = self.files[name]
+        shard = shard or self.shard(weight)
+        with open_safetensors(file) as f:
+            scale = self.read(f, file, name, shard.blocks() if shard is not None else None)
+        return check_scale(scale, file, name, weight, weight_shape)
+
+    def dequantize(self, weight: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """An FP8 weight (this process's part: value) dequantized with its block scales. A part that
+        does not start on the 128-block grid takes each element's scale from the block it lies in."""
+        shard = self.shard(weight)
+        if shard is None or shard.start % BLOCK == 0:
+            return dequantize_weight(value, self.scale(weight, tuple(value.shape)), dtype=dtype)
+        name = weight + SCALE_SUFFIX
+        file = self.files[name]
+        with open_safetensors(file) as f:
+            scale = self.read(f, file, name, shard.blocks())
+        scale = check_scale(scale, file, name, weight, _covered(value.shape, shard))
+        # the block (row, column) of every element of the part, counted from the first block read
+        index = [torch.arange(n) // BLOCK for n in value.shape]
+        index[shard.dim] = torch.arange(shard.start, shard.stop) // BLOCK - shard.start // BLOCK
+        compute = torch.promote_types(dtype, torch.float32)
+        per_element = scale.to(compute)[index[0][:, None], index[1][None, :]]
+        return (value.to(compute) * per_element).to(dtype)
+
+
+def _covered(shape: torch.Size, shard: Shard) -> tuple[int, ...]:
+    """The shape whose 128-block grid is the scale part a Shard reads (for check_scale)."""
+    out = list(shape)
+    blocks = shard.blocks()
+    out[shard.dim] = (blocks.stop - blocks.start) * BLOCK
+    return tuple(out)
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
+
+
+def check_scale(scale: torch.Tensor, file: Path, name: str, weight: str, weight_shape: tuple[int, ...]
+                ) -> torch.Tensor:
+    """The weight_scale_inv `scale` of an FP8 weight of shape weight_shape, checked: one per 128 x 128
+    block, finite, positive, and small enough that E4M3's largest value times it stays finite in float32."""
     expected = tuple(-(-d // BLOCK) for d in weight_shape)
     if tuple(scale.shape) != expected:
         raise CheckpointError(f"{file}: tensor {name} has shape {tuple(scale.shape)}, expected {expected} "
@@ -422,3 +537,8 @@ def read_scale(files: dict[str, Path], weight: str, weight_shape: tuple[int, ...
         raise CheckpointError(f"{file}: tensor {name} holds scales up to {scale.max().item():.3g}: times E4M3's "
                               f"largest value {E4M3_MAX:g} that overflows float32")
     return scale.float()
+
+
+def read_scale(files: dict[str, Path], weight: str, weight_shape: tuple[int, ...]) -> torch.Tensor:
+    """The whole weight_scale_inv of FP8 weight `weight` (shape weight_shape), read and checked."""
+    return _Reader(files, {}, {}).scale(weight, weight_shape)

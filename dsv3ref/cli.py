@@ -1,4 +1,8 @@
-"""The command line: `python -m dsv3ref demo | generate | chat | compare`.
+"""The command line: `python -m dsv3ref demo | generate | chat | compare | plan`.
+
+`generate` and `chat` also run under torchrun, split over the processes it starts (tensor and
+expert parallelism, see dsv3ref.parallel): `torchrun --nproc-per-node 8 -m dsv3ref generate
+--ckpt-path DIR --prompt ...`. Only rank 0 reads input and prints.
 
 Without --ckpt-path, `generate` and `chat` run on an embedded default: the tiny preset with the real
 DeepSeek-V3 tokenizer's vocabulary, built on the spot with random weights. It is untrained, so its
@@ -10,16 +14,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from dsv3ref import DeepseekV3, ModelConfig, count_parameters, generate, save_pretrained
 from dsv3ref.impl import CHOICES, Implementation
 from dsv3ref.oracle import compare, trace, trace_hf
+from dsv3ref.parallel import Parallel, ParallelError, from_pretrained, parallelize
+from dsv3ref.parallel.launch import LaunchError, generate_data_parallel, init_from_env, launched_by_torchrun
+from dsv3ref.parallel.planner import format_table, machine_table, plan
 from dsv3ref.tokenizer import StreamDecoder, Tokenizer
 
 UNTRAINED = "embedded tiny model, random weights, UNTRAINED (its text is noise), with the DeepSeek-V3 tokenizer"
@@ -31,7 +40,7 @@ class CliError(Exception):
 
 # What a user's input can cause: a bad checkpoint, config, argument or file (each message names it),
 # or a model whose arithmetic produces NaN. Printed as `error: ...` with exit status 2, no traceback.
-USER_ERRORS = (CliError, ValueError, TypeError, OSError, FloatingPointError)
+USER_ERRORS = (CliError, ValueError, TypeError, OSError, FloatingPointError, LaunchError)
 
 
 def _seed(text: str) -> int:
@@ -52,16 +61,20 @@ def implementation(args: argparse.Namespace) -> Implementation:
                           gemm_impl=args.gemm_impl, fp8_kernel=args.fp8_kernel)
 
 
-def load_for_text(ckpt_path: str | None, seed: int = 0, impl: Implementation | None = None
+def load_for_text(ckpt_path: str | None, seed: int = 0, impl: Implementation | None = None,
+                  parallel: Parallel | None = None, device: str | torch.device = "cpu"
                   ) -> tuple[DeepseekV3, Tokenizer, str]:
-    """The model and tokenizer of a checkpoint folder, or the embedded default."""
+    """The model and tokenizer of a checkpoint folder, or the embedded default. parallel: split the
+    model over the default process group (each rank reads only its part of the checkpoint)."""
     impl = impl or Implementation(attn_impl="absorb", moe_impl="grouped")
     if ckpt_path is None:
         tokenizer = Tokenizer.from_pretrained()
         cfg = ModelConfig.preset("tiny").replace(vocab_size=ModelConfig.preset("deepseek-v3").vocab_size)
         torch.manual_seed(seed)
         model = DeepseekV3(cfg, impl=impl).eval()
-        return model, tokenizer, UNTRAINED
+        if parallel is not None:
+            parallelize(model, parallel=parallel)
+        return model.to(device), tokenizer, UNTRAINED
     path = Path(ckpt_path)
     if not path.is_dir():
         raise CliError(f"--ckpt-path {path}: no such checkpoint folder")
@@ -69,7 +82,10 @@ def load_for_text(ckpt_path: str | None, seed: int = 0, impl: Implementation | N
         tokenizer = Tokenizer.from_pretrained(path)
     except FileNotFoundError as e:
         raise CliError(str(e)) from None
-    model = DeepseekV3.from_pretrained(path, **dataclasses.asdict(impl))
+    if parallel is not None:
+        model = from_pretrained(path, parallel=parallel, device=device, **dataclasses.asdict(impl))
+    else:
+        model = DeepseekV3.from_pretrained(path, device=device, **dataclasses.asdict(impl))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CliError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                        f"{model.config.vocab_size}")
@@ -96,45 +112,80 @@ def _reply(model, tokenizer, ids, args, out) -> list[int]:
             out.write(piece)
             out.flush()
 
-    result = generate(model, [ids], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      top_k=args.top_k, eos_token_id=tokenizer.eos_token_id, seed=args.seed, stream=stream,
-                      compile=getattr(args, "compile", False))
+    options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   eos_token_id=tokenizer.eos_token_id, seed=args.seed, compile=getattr(args, "compile", False))
+    if model.parallel is not None and model.parallel.parallel.layout == "dp":  # all ranks step together
+        tokens = generate_data_parallel(model, [ids], args.max_new_tokens, **options).tokens[0]
+        out.write(tokenizer.decode(tokens, skip_special_tokens=True))
+    else:
+        tokens = generate(model, [ids], args.max_new_tokens, stream=stream, **options).tokens[0]
     out.write("\n")
-    return result.tokens[0]
+    return tokens
+
+
+def _text_model(args: argparse.Namespace) -> tuple[DeepseekV3, Tokenizer, str, bool]:
+    """The model of generate/chat: on one process, or split over torchrun's processes (then joined
+    into a process group first). Returns (model, tokenizer, label, whether this rank prints)."""
+    if not launched_by_torchrun():
+        if args.layout != "tp" or args.moe_comm != "allreduce":
+            raise CliError("--layout/--moe-comm choose how the model is split over processes: launch with "
+                           "torchrun --nproc-per-node N -m dsv3ref ...")
+        return (*load_for_text(args.ckpt_path, args.seed, implementation(args)), True)
+    rank, world, device = init_from_env(args.timeout)
+    try:
+        model, tokenizer, label = load_for_text(args.ckpt_path, args.seed, implementation(args),
+                                                Parallel(args.layout, args.moe_comm), device)
+    except ParallelError as e:
+        raise CliError(f"world size {world} does not fit this model: {e}") from None
+    return model, tokenizer, f"{label}; rank {rank} of {world}, layout {args.layout}, {args.moe_comm}", rank == 0
 
 
 def generate_cmd(args: argparse.Namespace) -> int:
-    model, tokenizer, label = load_for_text(args.ckpt_path, args.seed, implementation(args))
-    print(f"[{label}]", file=sys.stderr)
+    model, tokenizer, label, speaks = _text_model(args)
+    out = sys.stdout if speaks else io.StringIO()
+    if speaks:
+        print(f"[{label}]", file=sys.stderr)
     ids = _prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}], args.raw)
-    _reply(model, tokenizer, ids, args, sys.stdout)
+    _reply(model, tokenizer, ids, args, out)
     return 0
 
 
+def _read_line(speaks: bool) -> str:
+    """A line of stdin, read by rank 0 and sent to the other ranks (all of them generate together)."""
+    line = sys.stdin.readline() if speaks else ""
+    if dist.is_initialized():
+        box = [line]
+        dist.broadcast_object_list(box, src=0)
+        line = box[0]
+    return line
+
+
 def chat_cmd(args: argparse.Namespace) -> int:
-    model, tokenizer, label = load_for_text(args.ckpt_path, args.seed, implementation(args))
-    interactive = sys.stdin.isatty()
-    print(f"[{label}]\n[type a message; /reset clears the history, /exit or end of input quits]", file=sys.stderr)
+    model, tokenizer, label, speaks = _text_model(args)
+    interactive = sys.stdin.isatty() and speaks
+    err = sys.stderr if speaks else io.StringIO()
+    out = sys.stdout if speaks else io.StringIO()
+    print(f"[{label}]\n[type a message; /reset clears the history, /exit or end of input quits]", file=err)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     while True:
         if interactive:
-            print("> ", end="", flush=True, file=sys.stderr)
-        line = sys.stdin.readline()
+            print("> ", end="", flush=True, file=err)
+        line = _read_line(speaks)
         if not line or line.strip() == "/exit":
             return 0
         text = line.rstrip("\n")
         if text.strip() == "/reset":
             messages = messages[:1] if args.system else []
-            print("[history cleared]", file=sys.stderr)
+            print("[history cleared]", file=err)
             continue
         if not text.strip():
             continue
         messages.append({"role": "user", "content": text})
         try:
-            reply = _reply(model, tokenizer, _prompt_ids(tokenizer, messages, raw=False), args, sys.stdout)
+            reply = _reply(model, tokenizer, _prompt_ids(tokenizer, messages, raw=False), args, out)
         except CliError as e:
             messages.pop()
-            print(f"error: {e} (use /reset to start over)", file=sys.stderr)
+            print(f"error: {e} (use /reset to start over)", file=err)
             continue
         messages.append({"role": "assistant", "content": tokenizer.decode(reply, skip_special_tokens=True)})
 
@@ -195,6 +246,39 @@ def compare_cmd(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def plan_cmd(args: argparse.Namespace) -> int:
+    """Print the per-GPU memory plan of a configuration (default: the released DeepSeek-V3)."""
+    cfg = (ModelConfig.preset("deepseek-v3") if args.config == "deepseek-v3"
+           else ModelConfig.from_pretrained(Path(args.config)))
+    if args.world_size is None:
+        print(f"DeepSeek-V3 per GPU, batch {args.batch_size} x {args.seq_len} tokens of latent cache (BF16), "
+              f"main model without MTP; reserve 3 GiB per GPU")
+        print(format_table(machine_table(cfg, args.batch_size, args.seq_len)))
+        return 0
+    p = plan(cfg, args.world_size, args.layout, args.gemm_impl, args.gpu_memory_gib, args.batch_size, args.seq_len)
+    gb = 1e9
+    print(f"world size {p.world_size}, layout {p.layout}, gemm_impl {p.gemm_impl}, batch {p.batch_size} x "
+          f"{p.seq_len} tokens, GPU {p.gpu_memory / gb:.1f} GB")
+    print(f"  weights      {p.weights / gb:9.2f} GB  (the largest rank's, exact)")
+    print(f"  latent cache {p.cache / gb:9.2f} GB")
+    print(f"  activations  {p.activations / gb:9.2f} GB  (estimate of a prefill chunk's peak)")
+    print(f"  reserve      {p.reserve / gb:9.2f} GB")
+    print(f"  cache tokens that fit: {p.cache_tokens_fit:,} per GPU, {p.total_tokens_fit:,} in all")
+    print(f"  fits: {'yes' if p.fits else 'NO'}")
+    return 0 if p.fits else 1
+
+
+def _positive(text: str) -> int:
+    """argparse type: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
+    return value
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-path", default=None, help="checkpoint folder with tokenizer files (default: the "
                                                      "embedded untrained tiny model)")
@@ -217,6 +301,12 @@ def _impl_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gemm-impl", choices=CHOICES["gemm_impl"], default="bf16",
                    help="fp8: keep an FP8 checkpoint's weights in FP8")
     g.add_argument("--fp8-kernel", choices=CHOICES["fp8_kernel"], default="emulate", help="for --gemm-impl fp8")
+    g = p.add_argument_group("parallel (under torchrun; see dsv3ref.parallel)")
+    g.add_argument("--layout", choices=CHOICES["layout"], default="tp",
+                   help="tp: heads, FFNs, vocabulary and experts split; dp: data-parallel attention, experts split")
+    g.add_argument("--moe-comm", choices=CHOICES["moe_comm"], default="allreduce",
+                   help="how tokens meet the routed experts on other ranks")
+    g.add_argument("--timeout", type=float, default=600.0, help="seconds before a collective fails (a dead rank)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=float, default=1e-5)
     p.add_argument("--atol", type=float, default=0.0)
     p.set_defaults(func=compare_cmd)
+    p = sub.add_parser("plan", help="per-GPU memory of the full model: weights, latent cache, what fits")
+    p.add_argument("--config", default="deepseek-v3", help="'deepseek-v3' or a checkpoint folder's config.json")
+    p.add_argument("--world-size", type=_positive, default=None, help="GPUs (default: the usual machines)")
+    p.add_argument("--layout", choices=CHOICES["layout"], default="tp")
+    p.add_argument("--gemm-impl", choices=CHOICES["gemm_impl"], default="fp8")
+    p.add_argument("--gpu-memory-gib", type=float, default=143_771 / 1024, help="default: an H200's 140.4 GiB")
+    p.add_argument("--batch-size", type=_positive, default=32)
+    p.add_argument("--seq-len", type=_positive, default=4096)
+    p.set_defaults(func=plan_cmd)
     return parser
 
 
@@ -258,3 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # under torchrun: another rank died (gloo: peer closed), or a collective timed out
+        if not dist.is_initialized():
+            raise
+        print(f"error: rank {dist.get_rank() if dist.is_initialized() else '?'}: a collective failed (another rank "
+              f"exited, or --timeout passed): {str(e).splitlines()[0]}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -53,9 +53,11 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
 class StackedExperts(nn.Module):
     """All routed experts of one MoE layer, as stacked weights (see the module docstring)."""
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, first_expert: int = 0):
         super().__init__()
         self.n_experts, self.inter_dim = n_experts, inter_dim
+        self.first_expert = first_expert
+        """The checkpoint number of expert 0 here (non-zero when a parallel plan keeps a slice of the experts)."""
         # Assignments are processed in runs of whole experts of about this many rows, so that the
         # intermediates of a long prefill stay small (on a CPU, cache-sized: measured in benchmarks/moe.py).
         self.block_rows = 2048
@@ -137,21 +139,20 @@ def _split_state_dict(module: StackedExperts, state_dict: dict, prefix: str, loc
     """Replace the stacked tensors by per-expert views named as in the checkpoint."""
     gate_up = state_dict.pop(prefix + "gate_up_proj")
     down = state_dict.pop(prefix + "down_proj")
-    i = module.inter_dim
+    i, first = module.inter_dim, module.first_expert
     for e in range(module.n_experts):
-        state_dict[f"{prefix}{e}.gate_proj.weight"] = gate_up[e, :i]
-        state_dict[f"{prefix}{e}.up_proj.weight"] = gate_up[e, i:]
-        state_dict[f"{prefix}{e}.down_proj.weight"] = down[e]
+        state_dict[f"{prefix}{first + e}.gate_proj.weight"] = gate_up[e, :i]
+        state_dict[f"{prefix}{first + e}.up_proj.weight"] = gate_up[e, i:]
+        state_dict[f"{prefix}{first + e}.down_proj.weight"] = down[e]
 
 
 def _stack_state_dict(module: StackedExperts, state_dict: dict, prefix: str, *args) -> None:
     """Inverse of _split_state_dict, for load_state_dict: stack per-expert tensors if present."""
-    first = f"{prefix}0.gate_proj.weight"
-    if first not in state_dict:
+    if f"{prefix}{module.first_expert}.gate_proj.weight" not in state_dict:
         return  # let load_state_dict report the missing keys
 
     def take(e: int, name: str) -> torch.Tensor:
-        return state_dict.pop(f"{prefix}{e}.{name}.weight")
+        return state_dict.pop(f"{prefix}{module.first_expert + e}.{name}.weight")
 
     n = module.n_experts
     state_dict[prefix + "gate_up_proj"] = torch.stack(

@@ -106,23 +106,25 @@ def quantize_activation(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | No
 
 
 def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale_inv: torch.Tensor,
-               block: int = BLOCK) -> torch.Tensor:
+               block: int = BLOCK, accumulate: torch.dtype = torch.float32) -> torch.Tensor:
     """The block-scaled FP8 GEMM y = x @ w.T, emulated exactly.
 
     x_q (M, K) fp8 with x_scale (M, Kb); w_q (N, K) fp8 with w_scale_inv (Nb, Kb). For each K block
     b: the partial sum of FP8 products, exact (float64 holds a 128-term sum of E4M3 products
     exactly), times x_scale[:, b] and w_scale_inv[n // block, b]; the blocks are accumulated in
-    float32 in order. Returns (M, N) float32.
+    float32 in order (DeepSeek's recipe); returns (M, N) in that dtype. accumulate=torch.float64 keeps the
+    sum exact to float64 rounding instead (what FP8Linear does for a float64 model: the oracle, whose
+    result then does not depend on how the K blocks are grouped, e.g. split over ranks).
     """
     n = w_q.shape[0]
     xb = rearrange(_pad_to(x_q.double(), (1,), block), "m (kb i) -> kb m i", i=block)
     wb = rearrange(_pad_to(w_q.double(), (1,), block), "f (kb i) -> kb f i", i=block)
     w_rows = repeat(w_scale_inv.double(), "fb kb -> kb (fb o)", o=block)[:, :n]  # (kb, n): each row's block scale
     x_cols = rearrange(x_scale.double(), "m kb -> kb m 1")
-    acc = torch.zeros(x_q.shape[0], n, dtype=torch.float32, device=x_q.device)
+    acc = torch.zeros(x_q.shape[0], n, dtype=accumulate, device=x_q.device)
     for b in range(xb.shape[0]):  # one K block at a time: memory of one (m, n) partial sum
         partial = xb[b] @ wb[b].T  # (m, n), exact
-        acc = acc + (partial * x_cols[b] * w_rows[b]).float()
+        acc = acc + (partial * x_cols[b] * w_rows[b]).to(accumulate)
     return acc
 
 
@@ -264,6 +266,8 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
+        if self.in_features == 0 or self.out_features == 0:  # a parallel plan left this rank no part of it
+            return x.new_zeros(*x.shape[:-1], self.out_features)
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
         x_q, x_scale = quantize_activation(flat, scale_fmt=self.scale_fmt)
         if self.kernel == "scaled_mm":
@@ -272,7 +276,9 @@ class FP8Linear(nn.Module):
                 w_rowwise = self._from_weight("rowwise", lambda: rowwise_weight(self.weight, self.weight_scale_inv))
             y = fp8_matmul_scaled_mm(x_q, x_scale, self.weight, self.weight_scale_inv, w_rowwise=w_rowwise)
         else:
-            y = fp8_matmul(x_q, x_scale, self.weight, self.weight_scale_inv)  # (tokens, out) float32
+            # (tokens, out): float32 accumulation, as DeepSeek's kernels; float64 for a float64 model
+            y = fp8_matmul(x_q, x_scale, self.weight, self.weight_scale_inv,
+                           accumulate=torch.promote_types(x.dtype, torch.float32))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

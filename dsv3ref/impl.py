@@ -12,10 +12,18 @@ rounding (FP8 GEMMs aside: they quantize activations, by design).
 | `moe_impl`   | "loop", "grouped"                        | "loop"          | `moe.MoE`                           |
 | `gemm_impl`  | "bf16", "fp8"                            | "bf16"          | checkpoint loading (`FP8Linear`)    |
 | `fp8_kernel` | "emulate", "scaled_mm"                   | "emulate"       | `fp8.FP8Linear`                     |
+| `layout`     | "tp", "dp"                               | one process     | `dsv3ref.parallel` (attention etc.) |
+| `moe_comm`   | "allreduce", "alltoall"                  | one process     | `dsv3ref.parallel` (routed experts) |
 
 The same names are used everywhere: `DeepseekV3(cfg, attn_impl=...)`, `DeepseekV3.from_pretrained(...,
 attn_impl=...)`, `model.impl`, `model.new_cache` and `KVCache(attn_impl=...)`, `kv_cache_bytes` (keyed
 by attn_impl), the CLI flags (`--attn-impl`, ...) and the docs. They are checked here and only here.
+
+The last two say how a model is spread over processes (`dsv3ref.parallel.Parallel`): `layout` "tp"
+splits attention heads, dense FFNs, vocabulary and experts over the ranks (DeepSeek's inference
+layout), "dp" gives each rank its own batch rows with replicated attention (data-parallel attention)
+and splits only the routed experts; `moe_comm` "allreduce" lets every rank compute its experts on
+every token and sums, "alltoall" sends each token only to the ranks owning its chosen experts.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "moe_impl": ("loop", "grouped"),
     "gemm_impl": ("bf16", "fp8"),
     "fp8_kernel": ("emulate", "scaled_mm"),
+    "layout": ("tp", "dp"),
+    "moe_comm": ("allreduce", "alltoall"),
 }
 """Every field and the values it takes."""
 
@@ -60,8 +70,8 @@ class Implementation:
     """For gemm_impl="fp8": "emulate" (exact, any device) or "scaled_mm" (torch's scaled_mm)."""
 
     def __post_init__(self) -> None:
-        for field in CHOICES:
-            check_choice(field, getattr(self, field))
+        for field in dataclasses.fields(self):
+            check_choice(field.name, getattr(self, field.name))
         if self.attn_order != "auto" and self.attn_impl != "absorb":
             raise ValueError(f"attn_order={self.attn_order!r} chooses the order of absorbed attention: it needs "
                              f"attn_impl='absorb' (found {self.attn_impl!r})")

@@ -63,6 +63,8 @@ class DeepseekV3(nn.Module):
         self.impl = impl
         self.load_report: LoadReport | None = None
         """What from_pretrained found (source, unused tensors, notes); None for a model built here."""
+        self.parallel = None
+        """The parallel plan applied to this model (dsv3ref.parallel.parallelize); None in a single process."""
         self.compiled_steps: dict = {}
         """This model's forward passes under torch.compile, built on first use by
         dsv3ref.generate.compiled_steps (generate(..., compile=True)) and kept for later calls."""
@@ -115,7 +117,10 @@ class DeepseekV3(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Random initialization as in the report: N(0, initializer_range^2) for every matrix."""
+        """Random initialization as in the report: N(0, initializer_range^2) for every matrix.
+        (Nothing to do on the meta device, where tensors hold no values: loading builds the model there.)"""
+        if self.lm_head.weight.is_meta:
+            return
         std = self.config.initializer_range
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -178,8 +183,14 @@ class DeepseekV3(nn.Module):
         Its kind follows attn_impl: the latent c^KV and k^R for "absorb", per-head K and V for
         "naive". dtype and device follow the model unless given.
         """
-        return KVCache(self.config, batch_size, max_seq_len, self.attn_impl,
-                       dtype=dtype or self.dtype, device=device or self.device, n_layers=len(self.model.layers))
+        return KVCache(self.config, batch_size, max_seq_len, self.attn_impl, dtype=dtype or self.dtype,
+                       device=device or self.device, n_layers=len(self.model.layers), heads=self.attention_heads)
+
+    @property
+    def attention_heads(self) -> int:
+        """The attention heads this process computes: all of them, or its share when a parallel plan
+        splits them (the naive cache holds keys and values of these heads)."""
+        return self.model.layers[0].self_attn.n_heads
 
     def _check_cache(self, cache: KVCache, b: int) -> None:
         """Raise a clear error for a cache that was not made by this model's `new_cache`."""
@@ -190,7 +201,7 @@ class DeepseekV3(nn.Module):
                              f"{self.attn_impl!r} (make it with model.new_cache)")
         if cache.batch_size != b:
             raise ValueError(f"cache: made for batch_size={cache.batch_size}, input_ids has batch {b}")
-        shapes = cache_shapes(self.config, cache.attn_impl, cache.batch_size, cache.max_seq_len)
+        shapes = cache_shapes(self.config, cache.attn_impl, cache.batch_size, cache.max_seq_len, self.attention_heads)
         if len(cache.layers) != len(self.model.layers) or cache.shapes() != shapes:
             raise ValueError(f"cache: made for another config ({len(cache.layers)} layers of {cache.shapes()}); this "
                              f"model needs {len(self.model.layers)} layers of {shapes} (make it with model.new_cache)")

@@ -87,7 +87,9 @@ class Router(nn.Module):
 
     Parameters as in the checkpoint: `weight` (experts, dim) and, for topk_method "noaux_tc", the
     buffer `e_score_correction_bias` (experts,), which is not trained by gradient descent.
-    Scores are computed in float32 (float64 for float64 input) whatever the weights' dtype.
+    Scores are computed in float32 (float64 for float64 input) whatever the weights' dtype, and the
+    bias is kept in at least float32 when the model is cast to bf16 (as the checkpoint stores it and
+    DeepSeek's code keeps it: rounded to bf16 it could pick other experts).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -105,6 +107,15 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
         self.records: list[RoutingRecord] | None = None  # a list while dsv3ref.routing.capture is on
+
+    def _apply(self, fn, recurse=True):
+        """Dtype casts below float32 (`model.to(torch.bfloat16)`) leave the bias in float32; moves apply."""
+        before = self._buffers.get("e_score_correction_bias")
+        super()._apply(fn, recurse)
+        after = self._buffers.get("e_score_correction_bias")
+        if before is not None and after is not None and after.dtype in (torch.bfloat16, torch.float16):
+            self._buffers["e_score_correction_bias"] = before.to(device=after.device, dtype=torch.float32)
+        return self
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x (tokens, dim) -> affinities s (tokens, experts), in at least float32."""
