@@ -8,7 +8,8 @@
 # 1. the tests that need an SM90 GPU (torch's blockwise scaled_mm against the exact emulation);
 # 2. the FP8 GEMM at DeepSeek-V3's shapes: emulation, scaled_mm, dense bf16;
 # 3. the MoE layer in bf16: loop vs grouped vs HF's eager and grouped_mm experts;
-# 4. compiled decoding on CUDA (mode="reduce-overhead": CUDA graphs over the static cache) against eager.
+# 4. compiled decoding on CUDA (mode="reduce-overhead": CUDA graphs over the static cache) against eager;
+# 5. scale-out at world size 1 on NCCL: the sharded loader onto CUDA, the split model against the whole.
 set -euo pipefail
 out=${1:-.}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -39,3 +40,18 @@ for name, compile in (("eager", False), ("compiled", True)):
 same = sum(a == b for a, b in zip(runs["eager"].tokens[0], runs["compiled"].tokens[0], strict=True))
 print(f"compiled tokens equal to eager: {same} of 64 (bf16: rounding may differ after a near-tie)")
 EOF
+# 5. scale-out on one GPU: NCCL at world size 1 (torchrun), the sharded loader placing its tensors on
+#    CUDA, and the split model against the whole one (same GPU, float32).
+ckpt=$(mktemp -d)
+python3 - "$ckpt" <<'EOF2'
+import sys
+
+import torch
+
+import dsv3ref
+
+torch.manual_seed(0)
+dsv3ref.save_pretrained(dsv3ref.DeepseekV3(dsv3ref.ModelConfig.preset("tiny")), sys.argv[1], max_shard_bytes=300_000)
+EOF2
+python3 -m torch.distributed.run --nproc-per-node 1 -m dsv3ref.parallel.selfcheck "$ckpt" 2>&1 | tee "$out/scale_out_nccl.txt"
+python3 -m torch.distributed.run --nproc-per-node 1 -m dsv3ref.parallel.selfcheck "$ckpt" --layout dp --moe-comm alltoall 2>&1 | tee -a "$out/scale_out_nccl.txt"

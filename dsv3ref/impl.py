@@ -44,6 +44,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 """Every field and the values it takes."""
 
 
+PARALLEL_FIELDS = ("layout", "moe_comm")
+"""The fields of CHOICES that say how a model is spread over processes (`dsv3ref.parallel.Parallel`);
+the others are `Implementation`'s."""
+
+
 def check_choice(field: str, value: Any) -> str:
     """Return value if it is one of CHOICES[field], else raise a ValueError naming the field."""
     if value not in CHOICES[field]:

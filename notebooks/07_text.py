@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 07 · Text in, text out: the tokenizer and the chat template
 #
-# *Lesson 7 of the dsv3ref course (lessons 00 to 07), after [06_fp8](06_fp8.ipynb) (FP8).*
+# *Lesson 7 of the dsv3ref course (lessons 00 to 08), after [06_fp8](06_fp8.ipynb) (FP8).*
 #
 # **What this notebook teaches.** Everything before this notebook spoke token ids. DeepSeek-V3 reads
 # text through a byte-level BPE tokenizer (128,000 merges-built tokens plus special tokens such as
@@ -119,5 +119,5 @@ assert "".join(pieces) == tok.decode(out.tokens[0], skip_special_tokens=True)
 print("all checks passed")
 
 # %% [markdown]
-# **This is the last lesson.** The course's map is in [README.md](README.md); the package's, in
-# `docs/architecture.md`.
+# **Next:** [08_scale_out.ipynb](08_scale_out.ipynb), From one process to sixteen GPUs: tensor and
+# expert parallelism, all-reduce against all-to-all, the memory planner, the torchrun commands.

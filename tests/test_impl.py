@@ -17,7 +17,8 @@ from helpers import tiny_config
 import dsv3ref
 from dsv3ref import DeepseekV3, Implementation, KVCache, kv_cache_bytes
 from dsv3ref.cli import build_parser
-from dsv3ref.impl import CHOICES
+from dsv3ref.impl import CHOICES, PARALLEL_FIELDS
+from dsv3ref.parallel import Parallel
 
 PACKAGE = Path(dsv3ref.__file__).parent
 
@@ -98,13 +99,16 @@ def every_implementation():
                         yield Implementation(attn, order, moe, gemm, kernel)
 
 
+MODEL_FIELDS = [f for f in CHOICES if f not in PARALLEL_FIELDS]
+
+
 def test_every_name_is_taken_by_the_model_from_pretrained_the_cache_and_the_cli(fp8_folder):
     cfg = tiny_config()
     impls = list(every_implementation())
-    assert {getattr(i, f) for i in impls for f in CHOICES} >= {v for values in CHOICES.values() for v in values}
+    assert {getattr(i, f) for i in impls for f in MODEL_FIELDS} >= {v for f in MODEL_FIELDS for v in CHOICES[f]}
     ids = torch.tensor([[1, 2, 3]])
     for impl in impls:
-        keywords = {f: getattr(impl, f) for f in CHOICES}
+        keywords = {f: getattr(impl, f) for f in MODEL_FIELDS}
         model = DeepseekV3(cfg.replace(quantization_config=None), **keywords)
         loaded = DeepseekV3.from_pretrained(fp8_folder, **keywords)
         for m in (model, loaded):
@@ -113,9 +117,15 @@ def test_every_name_is_taken_by_the_model_from_pretrained_the_cache_and_the_cli(
             assert cache.attn_impl == impl.attn_impl
             with torch.no_grad():
                 assert m(ids, cache=cache).shape == (1, 3, cfg.vocab_size)
-        argv = ["generate", "--prompt", "x"] + [a for f in CHOICES for a in (f"--{f.replace('_', '-')}", keywords[f])]
+        argv = ["generate", "--prompt", "x"] + [a for f in MODEL_FIELDS for a in (f"--{f.replace('_', '-')}",
+                                                                                  keywords[f])]
         args = build_parser().parse_args(argv)
-        assert {f: getattr(args, f) for f in CHOICES} == keywords
+        assert {f: getattr(args, f) for f in MODEL_FIELDS} == keywords
+    for layout in CHOICES["layout"]:  # the parallel names: the plan and the CLI (tests/test_parallel.py runs them)
+        for comm in CHOICES["moe_comm"]:
+            assert Parallel(layout, comm) == Parallel(layout=layout, moe_comm=comm)
+            args = build_parser().parse_args(["chat", "--layout", layout, "--moe-comm", comm])
+            assert (args.layout, args.moe_comm) == (layout, comm)
     for attn_impl in CHOICES["attn_impl"]:
         assert KVCache(cfg, 1, 8, attn_impl).attn_impl == attn_impl
     assert set(kv_cache_bytes(cfg, 8)) == set(CHOICES["attn_impl"])
@@ -125,10 +135,11 @@ def test_every_name_is_taken_by_the_model_from_pretrained_the_cache_and_the_cli(
 def test_a_name_outside_the_vocabulary_gets_the_same_error_everywhere(field, capsys):
     message = f"{field}: found 'bogus', expected one of {CHOICES[field]}"
     with pytest.raises(ValueError) as e:
-        Implementation(**{field: "bogus"})
+        (Parallel if field in PARALLEL_FIELDS else Implementation)(**{field: "bogus"})
     assert str(e.value) == message
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        DeepseekV3(tiny_config(), **{field: "bogus"})
+    if field not in PARALLEL_FIELDS:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            DeepseekV3(tiny_config(), **{field: "bogus"})
     if field == "attn_impl":
         with pytest.raises(ValueError, match="attn_impl: found 'bogus'"):
             KVCache(tiny_config(), 1, 8, "bogus")

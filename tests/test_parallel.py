@@ -10,6 +10,8 @@ the same checkpoint: relative error below 1e-10 (the split only regroups float64
 
 from __future__ import annotations
 
+import copy
+import importlib.resources
 import json
 import os
 import shutil
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 from helpers import randomize_, tiny_config
 from safetensors import safe_open
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import dsv3ref
 from dsv3ref import DeepseekV3, ModelConfig
@@ -155,8 +158,6 @@ def test_a_dead_rank_fails_the_others_instead_of_hanging(checkpoints, tmp_path):
 @pytest.fixture
 def fake_world():
     """A process group of any size inside this process (torch's fake backend: collectives do nothing)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     def start(world: int, rank: int = 0):
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -196,8 +197,6 @@ def test_planner_equals_the_parallel_model_on_the_meta_device(fake_world):
     """The full model (MTP module included) built on the meta device and cut by parallelize under a fake
     process group: its bytes per rank equal the planner's, for several world sizes and ranks (uneven
     FFN splits at 32 and 64 ranks: the last rank holds fewer blocks)."""
-    import copy
-
     cfg = ModelConfig.preset("deepseek-v3")
     with torch.device("meta"):
         base = DeepseekV3(cfg, gemm_impl="fp8").to(torch.bfloat16)
@@ -233,8 +232,6 @@ def test_missing_torchrun_variables_are_named(monkeypatch):
 # ------------------------------------------------------------------------------------------------ torchrun
 @pytest.fixture(scope="module")
 def text_folder(tmp_path_factory):
-    import importlib.resources
-
     folder = tmp_path_factory.mktemp("text")
     cfg = tiny_config(vocab_size=129280, max_position_embeddings=64, rope_scaling=None)
     torch.manual_seed(7)
