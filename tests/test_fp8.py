@@ -345,8 +345,10 @@ def test_conversion_peak_memory_grows_with_the_shard_not_the_checkpoint(tmp_path
     for direction in ("bf16-to-fp8", "fp8-to-bf16"):
         # Measured 1.7-3.6 shard sizes (the mapped shard, the tensors read from it, the converted
         # ones, allocator slack) whatever the number of shards; holding the checkpoint would cost 8.
+        # Four times the shards: the peak may move within that range (2.9 against 1.85 seen once), but
+        # holding the checkpoint would add 6 shard sizes.
         assert peaks[direction, 8] < 4.5, peaks
-        assert peaks[direction, 8] < peaks[direction, 2] + 1, peaks
+        assert peaks[direction, 8] < peaks[direction, 2] + 2, peaks
 
 
 def test_conversion_leaves_source_untouched_and_no_temporary_files(fp8_checkpoint, capsys):
