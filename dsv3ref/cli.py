@@ -1,4 +1,4 @@
-"""The command line: `python -m dsv3ref demo | generate | chat | compare | plan`.
+"""The command line: `python -m dsv3ref demo | generate | chat | compare | plan | train`.
 
 `generate` and `chat` also run under torchrun, split over the processes it starts (tensor and
 expert parallelism, see dsv3ref.parallel): `torchrun --nproc-per-node 8 -m dsv3ref generate
@@ -30,6 +30,7 @@ from dsv3ref.parallel import Parallel, ParallelError, from_pretrained, paralleli
 from dsv3ref.parallel.launch import LaunchError, generate_data_parallel, init_from_env, launched_by_torchrun
 from dsv3ref.parallel.planner import format_table, machine_table, plan
 from dsv3ref.tokenizer import StreamDecoder, Tokenizer
+from dsv3ref.train import TrainConfig, train
 
 UNTRAINED = "embedded tiny model, random weights, UNTRAINED (its text is noise), with the DeepSeek-V3 tokenizer"
 
@@ -268,6 +269,21 @@ def plan_cmd(args: argparse.Namespace) -> int:
     return 0 if p.fits else 1
 
 
+def train_cmd(args: argparse.Namespace) -> int:
+    """Train the small model on the standard library's bytes (dsv3ref.train); print the final metrics."""
+    cfg = TrainConfig(out_dir=args.out_dir, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                      lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup, mtp_lambda=args.mtp_lambda,
+                      balance=args.balance, gamma=args.gamma, seq_alpha=args.seq_alpha, fp8=args.fp8,
+                      eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
+    if args.resume is not None and not (Path(args.resume) / "train_state.json").is_file():
+        raise CliError(f"--resume {args.resume}: not a training checkpoint (no train_state.json)")
+    final = train(cfg, resume=args.resume)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()
+             if k in ("step", "loss", "mtp_loss", "val_loss", "val_maxvio", "tokens_per_second")}
+    print(f"{shown}; checkpoints and metrics.jsonl in {cfg.out_dir}")
+    return 0
+
+
 def _positive(text: str) -> int:
     """argparse type: a positive integer."""
     try:
@@ -347,6 +363,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument("--seq-len", type=_positive, default=4096)
     p.set_defaults(func=plan_cmd)
+    p = sub.add_parser("train", help="train a small DeepSeek-V3 on the Python standard library's source (bytes)")
+    p.add_argument("--out-dir", default="runs/train", help="checkpoints (step_NNNNNN/) and metrics.jsonl")
+    p.add_argument("--steps", type=_positive, default=600)
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--seq-len", type=_positive, default=128)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine down to a tenth)")
+    p.add_argument("--warmup", type=_positive, default=30)
+    p.add_argument("--mtp-lambda", type=float, default=0.3, help="weight of the MTP loss (report: 0.3, then 0.1)")
+    p.add_argument("--balance", choices=["bias", "aux", "none"], default="bias",
+                   help="bias: auxiliary-loss-free bias update; aux: a classic auxiliary loss; none")
+    p.add_argument("--gamma", type=float, default=0.001, help="bias update speed (report: 0.001)")
+    p.add_argument("--seq-alpha", type=float, default=0.0, help="sequence-wise balance loss weight (report: 1e-4)")
+    p.add_argument("--fp8", action="store_true", help="FP8 GEMMs in forward and backward (section 3.3, emulated)")
+    p.add_argument("--eval-every", type=_positive, default=100)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--resume", default=None, help="a step_NNNNNN/ checkpoint folder of this run to continue from")
+    p.set_defaults(func=train_cmd)
     return parser
 
 

@@ -69,10 +69,14 @@ class StackedExperts(nn.Module):
     def forward(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """tokens (n, dim), gate values weights (n, k), expert ids (n, k) -> sum_k weight * expert(token), (n, dim)."""
         n, k = ids.shape
-        if torch.compiler.is_compiling():  # static shapes, one graph (decode-sized inputs)
+        if torch.compiler.is_compiling():  # one graph, whatever the routing
             if 2 * n * k <= self.n_experts:
                 return self.gathered(tokens, weights, ids)  # few assignments: read just the chosen experts
-            if n * k <= self.n_experts:
+            if tokens.device.type == "cpu":
+                # The grouped computation as one opaque operator of the graph (its output is (n, dim)
+                # whatever the routing, so the graph stays whole): each expert read once, on its tokens only.
+                return grouped_experts(tokens, weights, ids, self.gate_up_proj, self.down_proj, self.block_rows)
+            if n * k <= self.n_experts:  # (CUDA graphs cannot capture its host synchronization)
                 return self.dense(tokens, weights, ids)  # most experts in use: read each one once
         return self.grouped(tokens, weights, ids)
 
@@ -93,24 +97,7 @@ class StackedExperts(nn.Module):
     @torch.compiler.disable  # sizes that depend on the routing: always eager, between compiled parts
     def grouped(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The sorted, blocked grouped-GEMM computation described in the module docstring."""
-        n, k = ids.shape
-        flat = ids.reshape(-1)  # (n*k,) the expert of each assignment
-        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)  # (experts,) rows per expert
-        gate_values = weights.reshape(-1)[order, None].to(tokens.dtype)  # (n*k, 1)
-        unsorted = tokens.new_empty(n * k, tokens.shape[1])  # each assignment's output, in (token, slot) order
-        for e0, e1, r0, r1 in self._blocks(counts.tolist()):
-            rows = order[r0:r1]
-            x = tokens[rows // k]  # (rows, dim): the token of each assignment, expert e0's first
-            block_counts = counts[e0:e1]
-            gate, up = grouped_linear(x, self.gate_up_proj[e0:e1], block_counts).split(self.inter_dim, dim=-1)
-            # The gate value scales the expert's output; applied before down_proj (linear), it touches
-            # inter_dim numbers per row instead of dim.
-            h = F.silu(gate) * up * gate_values[r0:r1]  # (rows, inter)
-            unsorted[rows] = grouped_linear(h, self.down_proj[e0:e1], block_counts)  # (rows, dim)
-        # Each token's k contributions are added in a fixed order, so the result is deterministic on
-        # every device (unlike an atomic scatter-add on a GPU).
-        return reduce(unsorted, "(n k) c -> n c", "sum", k=k)
+        return _grouped(tokens, weights, ids, self.gate_up_proj, self.down_proj, self.block_rows)
 
     def gathered(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The same sum with shapes that do not depend on the routing, for torch.compile (the sorted
@@ -124,16 +111,55 @@ class StackedExperts(nn.Module):
         h = F.silu(gate) * up * weights[..., None].to(tokens.dtype)  # (n, k, inter)
         return einsum(h, self.down_proj[ids], "n k i, n k c i -> n c")
 
-    def _blocks(self, counts: list[int]):
-        """Cut the experts into consecutive runs holding at least block_rows assignments each (an
-        expert is never split); yields (first expert, end expert, first row, end row)."""
-        e0 = r0 = rows = 0
-        for e, c in enumerate(counts):
-            rows += c
-            if rows - r0 >= self.block_rows or e == len(counts) - 1:
-                if rows > r0:
-                    yield e0, e + 1, r0, rows
-                e0, r0 = e + 1, rows
+
+
+def _grouped(tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
+             down_proj: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """StackedExperts.grouped on explicit weights: gate_up_proj (e, 2 * inter, c), down_proj (e, c, inter)."""
+    n, k = ids.shape
+    inter = down_proj.shape[-1]
+    flat = ids.reshape(-1)  # (n*k,) the expert of each assignment
+    order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+    counts = torch.bincount(flat, minlength=gate_up_proj.shape[0])  # (experts,) rows per expert
+    gate_values = weights.reshape(-1)[order, None].to(tokens.dtype)  # (n*k, 1)
+    unsorted = tokens.new_empty(n * k, tokens.shape[1])  # each assignment's output, in (token, slot) order
+    for e0, e1, r0, r1 in _blocks(counts.tolist(), block_rows):
+        rows = order[r0:r1]
+        x = tokens[rows // k]  # (rows, dim): the token of each assignment, expert e0's first
+        block_counts = counts[e0:e1]
+        gate, up = grouped_linear(x, gate_up_proj[e0:e1], block_counts).split(inter, dim=-1)
+        # The gate value scales the expert's output; applied before down_proj (linear), it touches
+        # inter_dim numbers per row instead of dim.
+        h = F.silu(gate) * up * gate_values[r0:r1]  # (rows, inter)
+        unsorted[rows] = grouped_linear(h, down_proj[e0:e1], block_counts)  # (rows, dim)
+    # Each token's k contributions are added in a fixed order, so the result is deterministic on
+    # every device (unlike an atomic scatter-add on a GPU).
+    return reduce(unsorted, "(n k) c -> n c", "sum", k=k)
+
+
+def _blocks(counts: list[int], block_rows: int):
+    """Cut the experts into consecutive runs holding at least block_rows assignments each (an
+    expert is never split); yields (first expert, end expert, first row, end row)."""
+    e0 = r0 = rows = 0
+    for e, c in enumerate(counts):
+        rows += c
+        if rows - r0 >= block_rows or e == len(counts) - 1:
+            if rows > r0:
+                yield e0, e + 1, r0, rows
+            e0, r0 = e + 1, rows
+
+
+@torch.library.custom_op("dsv3ref::grouped_experts", mutates_args=())
+def grouped_experts(tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
+                    down_proj: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """`_grouped` registered as a torch operator (`torch.ops.dsv3ref.grouped_experts`), so that
+    torch.compile keeps it in one graph as a call, instead of tracing its routing-dependent sizes."""
+    return _grouped(tokens, weights, ids, gate_up_proj, down_proj, block_rows)
+
+
+@grouped_experts.register_fake
+def _(tokens, weights, ids, gate_up_proj, down_proj, block_rows):
+    return torch.empty_like(tokens)  # (n, dim), whatever the routing
 
 def _split_state_dict(module: StackedExperts, state_dict: dict, prefix: str, local_metadata) -> None:
     """Replace the stacked tensors by per-expert views named as in the checkpoint."""

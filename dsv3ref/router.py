@@ -71,7 +71,8 @@ class RoutingRecord:
     """What one router decided in one forward pass (see `dsv3ref.routing.capture`)."""
 
     scores: torch.Tensor
-    """(tokens, experts) affinities s_{i,t}, before the bias."""
+    """(tokens, experts) affinities s_{i,t}, before the bias (detached, unless captured with grad=True
+    for a balance loss)."""
     groups: torch.Tensor
     """(tokens, topk_group) the groups each token could choose from."""
     ids: torch.Tensor
@@ -107,6 +108,7 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
         self.records: list[RoutingRecord] | None = None  # a list while dsv3ref.routing.capture is on
+        self.record_grad = False  # capture(..., grad=True): keep the scores' graph (balance losses)
 
     def _apply(self, fn, recurse=True):
         """Dtype casts below float32 (`model.to(torch.bfloat16)`) leave the bias in float32; moves apply."""
@@ -135,6 +137,7 @@ class Router(nn.Module):
         weights = weights * self.routed_scaling_factor
         if self.records is not None:
             counts = torch.bincount(ids.reshape(-1), minlength=self.weight.shape[0])
-            self.records.append(RoutingRecord(scores=s.detach(), groups=groups, ids=ids, weights=weights.detach(),
+            self.records.append(RoutingRecord(scores=s if self.record_grad else s.detach(),
+                                              groups=groups, ids=ids, weights=weights.detach(),
                                               counts=counts))
         return weights, ids

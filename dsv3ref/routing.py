@@ -49,17 +49,18 @@ def routers(model: nn.Module) -> dict[int, Router]:
 
 
 @contextmanager
-def capture(model: nn.Module) -> Iterator[dict[int, list[RoutingRecord]]]:
-    """Record every router decision made inside the `with` block, per MoE layer, per forward pass."""
+def capture(model: nn.Module, grad: bool = False) -> Iterator[dict[int, list[RoutingRecord]]]:
+    """Record every router decision made inside the `with` block, per MoE layer, per forward pass.
+    grad=True keeps the scores attached to the graph, for a balance loss (training)."""
     found = routers(model)
     records: dict[int, list[RoutingRecord]] = {i: [] for i in found}
     for i, router in found.items():
-        router.records = records[i]
+        router.records, router.record_grad = records[i], grad
     try:
         yield records
     finally:
         for router in found.values():
-            router.records = None
+            router.records, router.record_grad = None, False
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 00 · DeepSeek-V3 at a glance
 #
-# *Lesson 0 of the dsv3ref course (lessons 00 to 08), the first lesson: start here.*
+# *Lesson 0 of the dsv3ref course (lessons 00 to 09), the first lesson: start here.*
 #
 # **What this notebook teaches.** The shape of the whole model before any one idea is opened up:
 # the configuration of the released 671B model, what one decoder block computes, where the
@@ -35,6 +35,7 @@
 # 6. [06_fp8.ipynb](06_fp8.ipynb): FP8 (E4M3, tile and block scales, the FP8 GEMM, accumulation precision)
 # 7. [07_text.ipynb](07_text.ipynb): Text in, text out (the tokenizer, the chat template, a streamed reply)
 # 8. [08_scale_out.ipynb](08_scale_out.ipynb): From one process to sixteen GPUs (tensor and expert parallelism, all-reduce vs all-to-all, the memory planner, torchrun)
+# 9. [09_training.ipynb](09_training.ipynb): Training (a small model in a minute; the bias update, MTP and FP8 measured)
 
 # %%
 import tempfile

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 08 · From one process to sixteen GPUs
 #
-# *Lesson 8 of the dsv3ref course (lessons 00 to 08), after [07_text](07_text.ipynb) (text in, text out).*
+# *Lesson 8 of the dsv3ref course (lessons 00 to 09), after [07_text](07_text.ipynb) (text in, text out).*
 #
 # **What this notebook teaches.** The released DeepSeek-V3 is 688.6 GB of FP8 weights: no GPU holds
 # it. Here the same readable model is split over processes with `torch.distributed`: attention heads,
@@ -260,5 +260,5 @@ assert round(weight_bytes(full, 8) / 1e9, 1) == 85.1 and round(weight_bytes(full
 print("all checks passed")
 
 # %% [markdown]
-# **This is the last lesson.** The course's map is in [README.md](README.md); the package's, in
-# `docs/architecture.md`.
+# **Next:** [09_training.ipynb](09_training.ipynb), Training: the bias update, the MTP objective and FP8,
+# measured on a small model trained in a minute.

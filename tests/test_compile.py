@@ -6,8 +6,8 @@
   recompilation made an error.
 - Compiled with inductor (what generate(compile=True) runs): logits equal to eager for prefill and
   every decode step (float32, relative error < 1e-5: the compiled kernels sum in another order, and
-  the experts run through a gathered static-shape path), and the same generated tokens, speculative
-  decoding included.
+  the experts run through a gathered static-shape path or the grouped operator), and the same
+  generated tokens, speculative decoding included.
 """
 
 import pytest
@@ -63,7 +63,7 @@ def test_compiled_logits_equal_eager_for_prefill_and_every_decode_step(model):
         a = model.lm_head(model.hidden_states(ids[:, :12], eager_cache, 0))
         b = model.lm_head(steps["prefill"](ids[:, :12], compiled_cache, 0))
         assert rel_err(b, a) < 1e-5
-        for p in range(12, 20):  # batch 2: 6 expert assignments of 8 experts, the dense static path
+        for p in range(12, 20):  # batch 2: 6 expert assignments of 8 experts, the grouped operator (CPU)
             a = model(ids[:, p:p + 1], eager_cache, p)
             b = steps["decode"](ids[:, p:p + 1], compiled_cache, torch.tensor([p, p]))
             assert rel_err(b, a) < 1e-5, p

@@ -173,3 +173,19 @@ def test_stacked_weights_are_built_once_and_never_copied_in_forward(tmp_path):
             experts(tokens, weights_, ids)
         assert seen.sizes and max(n for _, n in seen.sizes) < one_expert, seen.sizes
     assert [w.data_ptr() for w in weights] == pointers
+
+
+def test_every_stacked_expert_path_equals_the_loop_oracle():
+    """The static-shape paths torch.compile uses (gathered at few assignments; dense on CUDA) and the
+    grouped operator (`torch.ops.dsv3ref.grouped_experts`, CPU) against LoopExperts on the same weights."""
+    torch.manual_seed(3)
+    cfg = tiny_config()
+    loop, grouped = MoE(cfg, "loop").eval(), MoE(cfg, "grouped").eval()
+    grouped.load_state_dict(loop.state_dict())
+    tokens = torch.randn(5, cfg.hidden_size)
+    weights, ids = loop.gate(tokens)
+    want = loop.experts(tokens, weights, ids)
+    stacked = grouped.experts
+    op = torch.ops.dsv3ref.grouped_experts(tokens, weights, ids, stacked.gate_up_proj, stacked.down_proj, 2048)
+    for got in (stacked.gathered(tokens, weights, ids), stacked.dense(tokens, weights, ids), op):
+        assert rel_err(got, want) < 1e-6  # float32, other summation orders

@@ -1,0 +1,20 @@
+"""Training: a small DeepSeek-V3 trained on a laptop, with the report's three training ideas.
+
+- `loop`: the training loop (`TrainConfig`, `train`): next-token and MTP losses, AdamW with warmup
+  and cosine decay, gradient clipping, the auxiliary-loss-free bias update after every step (or a
+  classic auxiliary loss, or none), validation with load-balance measurements, checkpoints that
+  `DeepseekV3.from_pretrained` reads, exact resumption;
+- `fp8`: FP8 training as in the report's section 3.3 (Fprop, Dgrad and Wgrad GEMMs with their tile
+  orientations) as a `torch.autograd.Function`;
+- `data`: the corpus every Python installation has (its standard library's source) and the byte
+  tokenizer.
+
+The model never imports this package; it imports the model.
+"""
+
+from dsv3ref.train.data import Corpus, decode, encode
+from dsv3ref.train.fp8 import FP8LinearFunction, FP8TrainLinear, fp8_training_layers, tile_matmul
+from dsv3ref.train.loop import TrainConfig, build_model, learning_rate, max_violation, small_config, train
+
+__all__ = ["Corpus", "FP8LinearFunction", "FP8TrainLinear", "TrainConfig", "build_model", "decode", "encode",
+           "fp8_training_layers", "learning_rate", "max_violation", "small_config", "tile_matmul", "train"]

@@ -1,0 +1,139 @@
+"""The report's three training claims, measured at small scale (dsv3ref.train).
+
+    .venv/bin/python experiments/train_claims.py [--steps 300] [--only balance mtp fp8]
+
+1. Load balance: the same model trained with the auxiliary-loss-free bias update (gamma = 0.001),
+   with a classic auxiliary loss (alpha = 0.01) and with neither: validation loss and MaxVio
+   (max load / mean load - 1, on the validation batches, averaged over MoE layers) over training.
+2. MTP: the main model's validation loss trained with and without the MTP objective (lambda 0.3
+   and 0) at equal steps; the MTP draft's acceptance rate in greedy self-speculative decoding on
+   held-out text, against the untrained model's.
+3. FP8 against float32 training: the relative difference of the final loss curves.
+
+Each writes experiments/results/<name>.json and a figure experiments/results/<name>.png; the
+numbers are copied into docs/training.md. Every run uses one thread (two runs can share 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from dsv3ref import DeepseekV3, generate  # noqa: E402
+from dsv3ref.train import Corpus, TrainConfig, train  # noqa: E402
+from dsv3ref.train.data import batch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def run(name: str, steps: int, corpus: Corpus, **changes) -> list[dict]:
+    cfg = TrainConfig(out_dir=str(RESULTS / "runs" / name), steps=steps, eval_every=max(steps // 10, 1),
+                      progress=False, **changes)
+    train(cfg, corpus=corpus)
+    return metrics(Path(cfg.out_dir))
+
+
+def evals(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if "val_loss" in r]
+
+
+def acceptance(folder: Path, corpus: Corpus, prompts: int = 6, new: int = 48) -> dict:
+    """Greedy self-speculative decoding on held-out text: acceptance rate and equality with plain greedy."""
+    model = DeepseekV3.from_pretrained(folder)
+    out = {}
+    for label, m in (("trained", model), ("untrained", DeepseekV3(model.config).eval())):
+        ids = [batch(corpus.validation, 1, 64, seed=99, step=i)[0].tolist() for i in range(prompts)]
+        plain = generate(m, ids, new, eos_token_id=[])
+        spec = generate(m, ids, new, eos_token_id=[], speculative=True)
+        out[label] = {"acceptance_rate": spec.stats["acceptance_rate"],
+                      "tokens_per_forward": spec.stats["tokens_per_forward"],
+                      "same_tokens_as_greedy": spec.tokens == plain.tokens}
+    return out
+
+
+def balance(steps: int, corpus: Corpus) -> dict:
+    runs = {b: run(f"balance_{b}", steps, corpus, balance=b) for b in ("bias", "aux", "none")}
+    result = {b: {"final_val_loss": evals(r)[-1]["val_loss"], "final_val_maxvio": evals(r)[-1]["val_maxvio"],
+                  "mean_val_maxvio": sum(e["val_maxvio"] for e in evals(r)) / len(evals(r)),
+                  "curve": [(e["step"], e["val_loss"], e["val_maxvio"]) for e in evals(r)]} for b, r in runs.items()}
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, r in result.items():
+        steps_, loss, vio = zip(*r["curve"], strict=True)
+        a.plot(steps_, vio, marker="o", label=name)
+        b.plot(steps_, loss, marker="o", label=name)
+    a.set(xlabel="step", ylabel="validation MaxVio", title="Load balance")
+    b.set(xlabel="step", ylabel="validation loss (nats/byte)", title="Validation loss")
+    a.legend()
+    plt.tight_layout()
+    fig.savefig(RESULTS / "balance.png", dpi=100)
+    return result
+
+
+def mtp(steps: int, corpus: Corpus) -> dict:
+    done = RESULTS / "runs" / "balance_bias"
+    with_mtp = metrics(done) if (done / f"step_{steps:06d}").exists() else run("balance_bias", steps, corpus)
+    without = run("mtp_off", steps, corpus, mtp_lambda=0.0)
+    result = {"with_mtp_final_val_loss": evals(with_mtp)[-1]["val_loss"],
+              "without_mtp_final_val_loss": evals(without)[-1]["val_loss"],
+              "speculative": acceptance(RESULTS / "runs" / "balance_bias" / f"step_{steps:06d}", corpus),
+              "curves": {"with": [(e["step"], e["val_loss"]) for e in evals(with_mtp)],
+                         "without": [(e["step"], e["val_loss"]) for e in evals(without)]}}
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, curve in result["curves"].items():
+        ax.plot(*zip(*curve, strict=True), marker="o", label=f"{name} MTP")
+    ax.set(xlabel="step", ylabel="main model validation loss", title="MTP objective")
+    ax.legend()
+    plt.tight_layout()
+    fig.savefig(RESULTS / "mtp.png", dpi=100)
+    return result
+
+
+def fp8(steps: int, corpus: Corpus) -> dict:
+    f32 = run("fp8_baseline_f32", steps, corpus)  # the balance_bias run again: its own, so both can run at once
+    low = run("fp8", steps, corpus, fp8=True)
+    train_f32 = [r["loss"] for r in f32]
+    train_fp8 = [r["loss"] for r in low]
+    tail = max(len(train_f32) // 10, 1)  # the last 10% of steps, averaged: single steps are noisy
+    a, b = sum(train_f32[-tail:]) / tail, sum(train_fp8[-tail:]) / tail
+    result = {"final_train_loss_f32": a, "final_train_loss_fp8": b, "relative_difference": (b - a) / a,
+              "final_val_loss_f32": evals(f32)[-1]["val_loss"], "final_val_loss_fp8": evals(low)[-1]["val_loss"]}
+    result["val_relative_difference"] = (result["final_val_loss_fp8"] - result["final_val_loss_f32"]) / result[
+        "final_val_loss_f32"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(train_f32, label="float32", alpha=0.8)
+    ax.plot(train_fp8, label="FP8 GEMMs (emulated)", alpha=0.8)
+    ax.set(xlabel="step", ylabel="training loss", title="FP8 against float32 training", yscale="log")
+    ax.legend()
+    plt.tight_layout()
+    fig.savefig(RESULTS / "fp8.png", dpi=100)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--only", nargs="+", default=["balance", "mtp", "fp8"], choices=["balance", "mtp", "fp8"])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    corpus = Corpus.stdlib(TrainConfig().max_corpus_bytes)
+    for name in args.only:
+        result = {"balance": balance, "mtp": mtp, "fp8": fp8}[name](args.steps, corpus)
+        result["steps"] = args.steps
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(name, json.dumps({k: v for k, v in result.items() if k not in ("curve", "curves")})[:600], flush=True)
+
+
+if __name__ == "__main__":
+    main()
