@@ -9,7 +9,8 @@
 # 2. the FP8 GEMM at DeepSeek-V3's shapes: emulation, scaled_mm, dense bf16;
 # 3. the MoE layer in bf16: loop vs grouped vs HF's eager and grouped_mm experts;
 # 4. compiled decoding on CUDA (mode="reduce-overhead": CUDA graphs over the static cache) against eager;
-# 5. scale-out at world size 1 on NCCL: the sharded loader onto CUDA, the split model against the whole.
+# 5. scale-out at world size 1 on NCCL: the sharded loader onto CUDA, the split model against the whole;
+# 6. training on CUDA (float32 and FP8 GEMMs), 30 steps each.
 set -euo pipefail
 out=${1:-.}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -55,3 +56,6 @@ dsv3ref.save_pretrained(dsv3ref.DeepseekV3(dsv3ref.ModelConfig.preset("tiny")), 
 EOF2
 python3 -m torch.distributed.run --nproc-per-node 1 -m dsv3ref.parallel.selfcheck "$ckpt" 2>&1 | tee "$out/scale_out_nccl.txt"
 python3 -m torch.distributed.run --nproc-per-node 1 -m dsv3ref.parallel.selfcheck "$ckpt" --layout dp --moe-comm alltoall 2>&1 | tee -a "$out/scale_out_nccl.txt"
+# 6. training on CUDA, unchanged code: 30 steps in float32 and with FP8 GEMMs (emulated), losses compared.
+python3 -m dsv3ref train --device cuda --steps 30 --eval-every 30 --out-dir "$ckpt/train_f32" 2>&1 | tail -1 | tee "$out/train_cuda.txt"
+python3 -m dsv3ref train --device cuda --steps 30 --eval-every 30 --fp8 --out-dir "$ckpt/train_fp8" 2>&1 | tail -1 | tee -a "$out/train_cuda.txt"

@@ -423,7 +423,8 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"loading {path.name}",
                disable=not (progress if progress is not None else total > 2**30))
     with torch.no_grad(), bar:
-        for file, names in to_read.items():
+        for shard_number, (file, names) in enumerate(to_read.items(), 1):
+            bar.set_postfix_str(f"shard {shard_number}/{len(to_read)}", refresh=False)
             with open_safetensors(file) as f:
                 for name in names:
                     value = reader.read(f, file, name)

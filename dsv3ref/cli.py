@@ -273,6 +273,7 @@ def train_cmd(args: argparse.Namespace) -> int:
     """Train the small model on the standard library's bytes (dsv3ref.train); print the final metrics."""
     cfg = TrainConfig(out_dir=args.out_dir, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup, mtp_lambda=args.mtp_lambda,
+                      mtp_lambda_late=args.mtp_lambda_late, device=args.device,
                       balance=args.balance, gamma=args.gamma, seq_alpha=args.seq_alpha, fp8=args.fp8,
                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
     if args.resume is not None and not (Path(args.resume) / "train_state.json").is_file():
@@ -371,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine down to a tenth)")
     p.add_argument("--warmup", type=_positive, default=30)
     p.add_argument("--mtp-lambda", type=float, default=0.3, help="weight of the MTP loss (report: 0.3, then 0.1)")
+    p.add_argument("--mtp-lambda-late", type=float, default=None,
+                   help="MTP weight for the last third of the steps (report: 0.1); default: --mtp-lambda throughout")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--balance", choices=["bias", "aux", "none"], default="bias",
                    help="bias: auxiliary-loss-free bias update; aux: a classic auxiliary loss; none")
     p.add_argument("--gamma", type=float, default=0.001, help="bias update speed (report: 0.001)")

@@ -31,6 +31,7 @@
 
 # %%
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -42,7 +43,7 @@ from IPython.display import Image, display
 from dsv3ref import DeepseekV3, generate
 from dsv3ref.train import Corpus, TrainConfig, decode, encode, train
 
-STEPS = int(os.environ.get("DSV3REF_TRAIN_STEPS", "120"))  # a parameter: fewer for a quick check
+STEPS = int(os.environ.get("DSV3REF_TRAIN_STEPS", "200"))  # a parameter: fewer for a quick check
 torch.set_num_threads(2)
 corpus = Corpus.stdlib(2_000_000)
 print(f"corpus: {corpus.files[0]} training files ({corpus.train.numel():,} bytes), "
@@ -81,17 +82,19 @@ print(f"validation loss {final['val_loss']:.3f} nats/byte, MTP module {final['va
 # %% [markdown]
 # ## 2. What it learned
 #
-# Greedy continuation of a line of Python, from the trained model and from the same architecture
-# untrained. Then self-speculative decoding (lesson 05): the MTP module drafts the token after next,
-# the main model verifies. The tokens must be exactly the greedy ones; what training changes is how
-# often the draft is accepted.
+# Continuations of a line of Python, sampled at temperature 0.7 (seeded), from the trained model and
+# from the same architecture untrained. After a minute the model writes Python's shape (`self.`,
+# indentation, `None:`, comments) with invented words; greedy decoding of so small a model soon
+# repeats one byte, which is why we sample. Then self-speculative decoding (lesson 05): the MTP module
+# drafts the token after next, the main model verifies. The tokens must be exactly the greedy ones;
+# what training changes is how often the draft is accepted.
 
 # %%
 model = DeepseekV3.from_pretrained(run / f"step_{STEPS:06d}")
 untrained = DeepseekV3(model.config).eval()
 prompt = encode("    def __init__(self, ")
 for label, m in (("trained", model), ("untrained", untrained)):
-    out = generate(m, [prompt], 48, eos_token_id=[])
+    out = generate(m, [prompt], 64, eos_token_id=[], temperature=0.7, seed=0)
     print(f"{label:9}: {decode(prompt + out.tokens[0])!r}")
 
 prompts = [corpus.validation[i * 997: i * 997 + 48].tolist() for i in range(4)]
@@ -147,7 +150,7 @@ display(Image(filename=str(results / "fp8.png")))
 # ## Checks
 
 # %%
-assert final["val_loss"] < 0.75 * val[0]["val_loss"] or STEPS < 60   # it learned (5.5 nats/byte untrained)
+assert final["val_loss"] < 0.6 * math.log(256) or STEPS < 60         # it learned (uniform bytes: 5.55 nats)
 assert accept["trained"][2] and accept["untrained"][2]              # speculative == greedy, always
 assert accept["trained"][0] > accept["untrained"][0] + 0.2           # and trained drafts are accepted far more
 assert balance["bias"]["mean_val_maxvio"] < balance["none"]["mean_val_maxvio"]

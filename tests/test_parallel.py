@@ -257,6 +257,17 @@ def test_torchrun_generate_prints_what_one_process_prints(text_folder, layout):
     assert f"rank 0 of 2, layout {layout}" in parallel.stderr and "rank 1" not in parallel.stderr
 
 
+def test_torchrun_with_a_world_size_that_does_not_fit_says_so(text_folder):
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-port",
+                           str(_free_port()), "-m", "dsv3ref", "generate", "--ckpt-path", str(text_folder), "--prompt",
+                           "x", "--timeout", "30"], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
+    assert done.returncode != 0
+    assert "error: world size 3 does not fit this model: n_routed_experts=8 cannot be split evenly over world size 3" \
+        in done.stderr, done.stderr[-2000:]
+    assert 'File "' + str(ROOT / "dsv3ref") not in done.stderr  # no traceback from inside dsv3ref
+
+
 def test_layout_flags_without_torchrun_say_how_to_launch(text_folder, monkeypatch, capsys):
     from dsv3ref.cli import main
 

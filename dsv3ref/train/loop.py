@@ -68,6 +68,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     mtp_lambda: float = 0.3
     """Weight of the MTP loss (report: 0.3 for the first 10T tokens, then 0.1)."""
+    mtp_lambda_late: float | None = None
+    """The MTP weight after mtp_switch of the steps (report: 0.1 after 10T of 14.8T tokens, i.e.
+    mtp_switch = 0.68); None keeps mtp_lambda throughout."""
+    mtp_switch: float = 0.68
     balance: str = "bias"
     gamma: float = DEFAULT_GAMMA
     """Bias update speed (report: 0.001)."""
@@ -86,6 +90,8 @@ class TrainConfig:
     model: dict = field(default_factory=dict)
     """Changes to small_config()."""
     progress: bool = True
+    device: str = "cpu"
+    """Where the model trains ("cuda" runs unchanged; batches are cut on the CPU and moved)."""
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE:
@@ -115,6 +121,7 @@ def balance_loss(records: dict, cfg: TrainConfig, batch_size: int) -> torch.Tens
     total = torch.zeros(())
     for layer_records in records.values():
         for rec in layer_records:
+            total = total.to(rec.scores.device)
             n, e = rec.scores.shape
             k = rec.ids.shape[1]
             if cfg.balance == "aux":  # classic (GShard/Switch-style) auxiliary loss over the whole batch
@@ -135,11 +142,12 @@ def evaluate(model: DeepseekV3, data: torch.Tensor, cfg: TrainConfig) -> dict:
     losses, mtps, loads = [], [], {}
     with capture(model) as records:
         for i in range(cfg.eval_batches):
-            out = model.loss(batch(data, cfg.batch_size, cfg.seq_len, seed=10_000 + cfg.seed, step=i), cfg.mtp_lambda)
+            ids = batch(data, cfg.batch_size, cfg.seq_len, seed=10_000 + cfg.seed, step=i).to(cfg.device)
+            out = model.loss(ids, cfg.mtp_lambda)
             losses.append(float(out["main"]))
             mtps.append(float(out["mtp_per_depth"].mean()) if out["mtp_per_depth"].numel() else 0.0)
     for layer, recs in records.items():
-        loads[layer] = sum(r.counts for r in recs)
+        loads[layer] = sum(r.counts for r in recs).cpu()
     model.train()
     vio = [max_violation(load) for load in loads.values()]
     return {"val_loss": sum(losses) / len(losses), "val_mtp_loss": sum(mtps) / len(mtps),
@@ -153,7 +161,7 @@ def build_model(cfg: TrainConfig) -> DeepseekV3:
     model = DeepseekV3(small_config(**cfg.model))
     if cfg.fp8:
         fp8_training_layers(model)
-    return model.train()
+    return model.to(cfg.device).train()
 
 
 def _optimizer(model: DeepseekV3, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -213,19 +221,20 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, corpus: Corpus | N
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        ids = batch(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, step)
+        ids = batch(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, step).to(cfg.device)
+        late = cfg.mtp_lambda_late is not None and step >= cfg.mtp_switch * cfg.steps
         with capture(model, grad=cfg.balance == "aux" or bool(cfg.seq_alpha)) as records:
-            losses = model.loss(ids, cfg.mtp_lambda)
+            losses = model.loss(ids, cfg.mtp_lambda_late if late else cfg.mtp_lambda)
             extra = balance_loss(records, cfg, cfg.batch_size)
-        loss = losses["loss"] + extra
+        loss = losses["loss"] + extra.to(losses["loss"].device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         optimizer.step()
-        loads = {layer: sum(r.counts for r in recs) for layer, recs in records.items()}
+        loads = {layer: sum(r.counts for r in recs).cpu() for layer, recs in records.items()}
         if cfg.balance == "bias":
             for layer, router in routers(model).items():
-                update_bias(router.e_score_correction_bias, loads[layer], cfg.gamma)
+                update_bias(router.e_score_correction_bias, loads[layer].to(cfg.device), cfg.gamma)
         tokens += ids.numel()
         row = {"step": step + 1, "lr": lr, "loss": losses["main"].item(), "mtp_loss": losses["mtp"].item(),
                "balance_loss": extra.item(), "grad_norm": grad_norm,
