@@ -40,6 +40,7 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Image, display
 
+import dsv3ref
 from dsv3ref import DeepseekV3, generate
 from dsv3ref.train import Corpus, TrainConfig, decode, encode, train
 
@@ -116,7 +117,7 @@ for label, m in (("trained", model), ("untrained", untrained)):
 # balancing at all. MaxVio = max load / mean load - 1 on the validation batches (0: perfectly even).
 
 # %%
-results = Path("..") / "experiments" / "results"
+results = Path(dsv3ref.__file__).resolve().parents[1] / "experiments" / "results"  # beside the package
 balance = json.loads((results / "balance.json").read_text())
 for name, r in balance.items():
     if isinstance(r, dict):
