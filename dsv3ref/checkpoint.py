@@ -376,6 +376,7 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
         raise CheckpointError(f"{file}: unexpected tensor {name} (not a parameter of the model described by "
                               f"config.json; {len(full)} parameters expected)")
     present = set()
+    headers: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype) as stored
     for file, names in by_file.items():
         with open_safetensors(file) as f:
             stored = set(f.keys())
@@ -384,6 +385,7 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
                     raise CheckpointError(f"{file}: the index lists tensor {name} in this file, which does not hold it")
                 sl = f.get_slice(name)
                 shape, kind = tuple(sl.get_shape()), sl.get_dtype()
+                headers[name] = shape, kind
                 if name.endswith(SCALE_SUFFIX):
                     weight = name[: -len(SCALE_SUFFIX)]
                     want = tuple(-(-d // BLOCK) for d in full.get(copies.get(weight, weight), ()))
@@ -419,7 +421,7 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
     targets = model.state_dict()
     copy_values = {}
     reader = _Reader(files, shards, copies)
-    total = sum(reader.nbytes(file, name) for file, names in to_read.items() for name in names)
+    total = sum(reader.nbytes(name, *headers[name]) for names in to_read.values() for name in names)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"loading {path.name}",
                disable=not (progress if progress is not None else total > 2**30))
     with torch.no_grad(), bar:
@@ -441,7 +443,7 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
                         copy_values[name] = (file, value)
                     else:
                         targets[name].copy_(value)
-                    bar.update(reader.nbytes(file, name))
+                    bar.update(reader.nbytes(name, *headers[name]))
         for name, (file, value) in copy_values.items():
             main = targets[copies[name]]
             if not torch.equal(value.to(main.dtype), main):
@@ -458,28 +460,26 @@ class _Reader:
     def __init__(self, files: dict[str, Path], shards: dict[str, Shard], copies: dict[str, str]):
         self.files, self.shards, self.copies = files, shards, copies
         self.bytes_read = 0
-        self._sizes: dict[tuple[Path, str], int] = {}
 
     def shard(self, name: str) -> Shard | None:
         return self.shards.get(self.copies.get(name, name))
 
-    def nbytes(self, file: Path, name: str) -> int:
-        """Bytes of `name` this process reads (its Shard of the tensor), for the progress bar."""
-        if (file, name) not in self._sizes:
-            with open_safetensors(file) as f:
-                sl = f.get_slice(name)
-                shape, size = list(sl.get_shape()), _DTYPE_BYTES.get(sl.get_dtype(), 4)
-            if (shard := self.shard(name)) is not None:
-                shape[shard.dim] = shard.stop - shard.start
-            self._sizes[file, name] = math.prod(shape) * size
-        return self._sizes[file, name]
+    def nbytes(self, name: str, shape: tuple[int, ...], kind: str) -> int:
+        """Bytes of `name` (stored with shape and safetensors dtype kind) this process reads: its Shard."""
+        shape = list(shape)
+        if (shard := self.shard(name)) is not None:
+            shape[shard.dim] = shard.stop - shard.start
+        return math.prod(shape) * _DTYPE_BYTES[kind]
 
     def read(self, f, file: Path, name: str, shard: Shard | None = None) -> torch.Tensor:
         """The tensor, or just `shard` of it (default: this process's Shard), read from open file f."""
         shard = shard or self.shard(name)
         try:
-            value = f.get_tensor(name) if shard is None else f.get_slice(name)[shard.index(len(f.get_slice(name)
-                                                                                               .get_shape()))]
+            if shard is None:
+                value = f.get_tensor(name)
+            else:
+                part = f.get_slice(name)
+                value = part[shard.index(len(part.get_shape()))]
         except Exception as e:
             raise CheckpointError(f"{file}: tensor {name} cannot be read ({type(e).__name__}: {e})") from None
         self.bytes_read += value.numel() * value.element_size()
@@ -521,7 +521,7 @@ def _covered(shape: torch.Size, shard: Shard) -> tuple[int, ...]:
     return tuple(out)
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "I64": 8, "I32": 4, "U8": 1, "I8": 1}
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1}  # the dtypes step 1 lets through
 
 
 def check_scale(scale: torch.Tensor, file: Path, name: str, weight: str, weight_shape: tuple[int, ...]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -105,27 +106,54 @@ def quantize_activation(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | No
     return rearrange(q, "... kb i -> ... (kb i)")[..., :k].contiguous(), scale
 
 
+def tile_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
+                block: int = BLOCK, accumulate: torch.dtype = torch.float32) -> torch.Tensor:
+    """a @ b.T for FP8 operands that each carry one scale per row per `block`-wide K block.
+
+    a_q (M, K) fp8 with a_scale (M, Kb); b_q (N, K) fp8 with b_scale (N, Kb). For each K block kb: the
+    partial sum of FP8 products, exact (float64 holds a 128-term sum of E4M3 products exactly), times
+    a_scale[:, kb] and b_scale[:, kb]; the blocks are accumulated in `accumulate` in order. Returns
+    (M, N) in `accumulate`. The inference GEMM (`fp8_matmul`) and the three training GEMMs
+    (dsv3ref.train.fp8) are this product with their scales laid out per row.
+    """
+    ab = rearrange(_pad_to(a_q.double(), (1,), block), "m (kb i) -> kb m i", i=block)
+    bb = rearrange(_pad_to(b_q.double(), (1,), block), "n (kb i) -> kb n i", i=block)
+    a_s, b_s = rearrange(a_scale.double(), "m kb -> kb m 1"), rearrange(b_scale.double(), "n kb -> kb 1 n")
+    acc = torch.zeros(a_q.shape[0], b_q.shape[0], dtype=accumulate, device=a_q.device)
+    for kb in range(ab.shape[0]):  # one K block at a time: memory of one (m, n) partial sum
+        acc = acc + ((ab[kb] @ bb[kb].T) * a_s[kb] * b_s[kb]).to(accumulate)
+    return acc
+
+
+def rows_of_blocks(block_scale: torch.Tensor, rows: int, block: int = BLOCK) -> torch.Tensor:
+    """A block-scale grid (Rb, Cb) as per-row scales (rows, Cb): each row takes its block's scale."""
+    return repeat(block_scale, "rb cb -> (rb o) cb", o=block)[:rows]
+
+
 def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale_inv: torch.Tensor,
                block: int = BLOCK, accumulate: torch.dtype = torch.float32) -> torch.Tensor:
     """The block-scaled FP8 GEMM y = x @ w.T, emulated exactly.
 
     x_q (M, K) fp8 with x_scale (M, Kb); w_q (N, K) fp8 with w_scale_inv (Nb, Kb). For each K block
-    b: the partial sum of FP8 products, exact (float64 holds a 128-term sum of E4M3 products
-    exactly), times x_scale[:, b] and w_scale_inv[n // block, b]; the blocks are accumulated in
-    float32 in order (DeepSeek's recipe); returns (M, N) in that dtype. accumulate=torch.float64 keeps the
-    sum exact to float64 rounding instead (what FP8Linear does for a float64 model: the oracle, whose
-    result then does not depend on how the K blocks are grouped, e.g. split over ranks).
+    b: the partial sum of FP8 products, exact, times x_scale[:, b] and w_scale_inv[n // block, b]
+    (`tile_matmul` with each weight row taking its block's scale); the blocks are accumulated in
+    float32 in order (DeepSeek's recipe); returns (M, N) in that dtype. accumulate=torch.float64 keeps
+    the sum exact to float64 rounding instead (what FP8Linear does for a float64 model: the oracle,
+    whose result then does not depend on how the K blocks are grouped, e.g. split over ranks).
     """
-    n = w_q.shape[0]
-    xb = rearrange(_pad_to(x_q.double(), (1,), block), "m (kb i) -> kb m i", i=block)
-    wb = rearrange(_pad_to(w_q.double(), (1,), block), "f (kb i) -> kb f i", i=block)
-    w_rows = repeat(w_scale_inv.double(), "fb kb -> kb (fb o)", o=block)[:, :n]  # (kb, n): each row's block scale
-    x_cols = rearrange(x_scale.double(), "m kb -> kb m 1")
-    acc = torch.zeros(x_q.shape[0], n, dtype=accumulate, device=x_q.device)
-    for b in range(xb.shape[0]):  # one K block at a time: memory of one (m, n) partial sum
-        partial = xb[b] @ wb[b].T  # (m, n), exact
-        acc = acc + (partial * x_cols[b] * w_rows[b]).to(accumulate)
-    return acc
+    return tile_matmul(x_q, x_scale, w_q, rows_of_blocks(w_scale_inv, w_q.shape[0], block), block, accumulate)
+
+
+def replace_fp8_layers(model: nn.Module, build: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace every bias-free nn.Linear of `model` whose weight the release stores in FP8
+    (FP8_WEIGHT) by build(layer); returns how many were replaced."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and module.bias is None and FP8_WEIGHT.search(f"{name}.weight"):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, build(module))
+            count += 1
+    return count
 
 
 def scaled_mm_recipe(device: str | torch.device) -> str | None:

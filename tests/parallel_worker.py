@@ -2,7 +2,7 @@
 
 Every case loads a checkpoint with dsv3ref.parallel.from_pretrained (sharded: each rank reads its part)
 and compares with the single-process model loaded by DeepseekV3.from_pretrained on the same rank:
-logits (float64) of an uncached batch, of a cached prefill and of decode steps at per-row positions,
+logits (float64, or the case's dtype) of an uncached batch, of a cached prefill and of decode steps,
 and greedy generations. Rank 0 writes {case: measurements} as JSON; the test asserts on them.
 """
 
@@ -133,8 +133,8 @@ def main() -> None:
             sys.exit(0)
         try:
             parallel = Parallel(case["layout"], case["moe_comm"])
-            kw = dict(dtype=torch.float64, attn_impl=case["attn_impl"], moe_impl=case["moe_impl"],
-                      gemm_impl=case.get("gemm_impl", "bf16"))
+            kw = dict(dtype=getattr(torch, case.get("dtype", "float64")), attn_impl=case["attn_impl"],
+                      moe_impl=case["moe_impl"], gemm_impl=case.get("gemm_impl", "bf16"))
             log = ReadLog()
             real = dsv3ref.checkpoint.safe_open
             dsv3ref.checkpoint.safe_open = log.safe_open

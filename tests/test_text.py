@@ -9,10 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from helpers import tiny_config
 
-import dsv3ref
 from dsv3ref import DeepseekV3, StreamDecoder, Tokenizer, generate
 from dsv3ref.cli import main as cli_main
 
@@ -144,17 +141,6 @@ def test_stream_decoder_releases_whole_characters_only():
     pieces = [decoder.push(i) for i in tok.encode(text)]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
     assert any(p == "" for p in pieces)  # some tokens hold only part of a character
-
-
-@pytest.fixture(scope="module")
-def text_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt")
-    cfg = tiny_config(vocab_size=129280, max_position_embeddings=64, rope_scaling=None)
-    torch.manual_seed(7)
-    dsv3ref.save_pretrained(DeepseekV3(cfg), folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(PACKAGED / name, folder / name)
-    return folder
 
 
 def run_cli(args, monkeypatch, capsys, stdin=""):

@@ -81,8 +81,7 @@ def _narrow(layer: nn.Module, dim: int, start: int, stop: int, name: str, world:
                                 f"scales; choose a world size whose split falls on the {BLOCK}-block grid (or "
                                 "gemm_impl='bf16', which dequantizes on load)")
         layer.weight_scale_inv = layer.weight_scale_inv.detach()[shard.blocks().index(2)].clone()
-        layer.weight = weight.detach()[shard.index(2)].clone()
-        layer._derived.clear()
+        layer.weight = weight.detach()[shard.index(2)].clone()  # (its cached dequantized forms are keyed by tensor)
     else:
         layer.weight = nn.Parameter(weight.detach()[shard.index(2)].clone(), requires_grad=weight.requires_grad)
     bias = getattr(layer, "bias", None)

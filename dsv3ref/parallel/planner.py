@@ -41,11 +41,32 @@ MACHINES = (
 """(name, nodes, GPUs per node, GPU, gemm_impl): the machines the full model is usually run on."""
 
 
-def _linear(out: int, inp: int, fp8: bool) -> int:
-    """Bytes of a linear weight (out, in): E4M3 plus float32 128x128 block scales, or BF16."""
+@dataclass(frozen=True)
+class Size:
+    """Elements and bytes of some tensors (FP8 scales count as elements too, as in the release)."""
+
+    elements: int = 0
+    nbytes: int = 0
+
+    def __add__(self, other: Size) -> Size:
+        return Size(self.elements + other.elements, self.nbytes + other.nbytes)
+
+    def __mul__(self, n: int) -> Size:
+        return Size(self.elements * n, self.nbytes * n)
+
+    __rmul__ = __mul__
+
+
+def _bf16(n: int) -> Size:
+    return Size(n, 2 * n)
+
+
+def _linear(out: int, inp: int, fp8: bool) -> Size:
+    """A linear weight (out, in): E4M3 plus float32 128x128 block scales, or BF16."""
     if fp8:
-        return out * inp + math.ceil(out / BLOCK) * math.ceil(inp / BLOCK) * 4
-    return out * inp * 2
+        scales = math.ceil(out / BLOCK) * math.ceil(inp / BLOCK)
+        return Size(out * inp + scales, out * inp + 4 * scales)
+    return _bf16(out * inp)
 
 
 def _split(total: int, world: int, rank: int, unit: int, tp: bool) -> int:
@@ -56,94 +77,70 @@ def _split(total: int, world: int, rank: int, unit: int, tp: bool) -> int:
     return stop - start
 
 
-def layer_bytes(cfg: ModelConfig, layer: int, world: int, rank: int, layout: str, fp8: bool) -> int:
-    """Bytes of decoder layer `layer` (an MTP module's too, with its extra norms and eh_proj) on `rank`."""
+def layer_size(cfg: ModelConfig, layer: int, world: int, rank: int, layout: str, fp8: bool) -> Size:
+    """Decoder layer `layer` (an MTP module's too, with its extra norms and eh_proj) on `rank`."""
     tp = layout == "tp"
     d, h = cfg.hidden_size, cfg.num_attention_heads
     h0, h1 = even_split(h, world, rank, "num_attention_heads") if tp else (0, h)
     h_local = h1 - h0
     qk, kv = cfg.qk_head_dim, cfg.qk_nope_head_dim + cfg.v_head_dim
-    total = 2 * d * 2  # input_layernorm, post_attention_layernorm
+    total = 2 * _bf16(d)  # input_layernorm, post_attention_layernorm
     if cfg.q_lora_rank is None:
         total += _linear(h_local * qk, d, fp8)
     else:
-        total += _linear(cfg.q_lora_rank, d, fp8) + cfg.q_lora_rank * 2 + _linear(h_local * qk, cfg.q_lora_rank, fp8)
-    total += _linear(cfg.kv_lora_rank + cfg.qk_rope_head_dim, d, fp8) + cfg.kv_lora_rank * 2
+        total += _linear(cfg.q_lora_rank, d, fp8) + _bf16(cfg.q_lora_rank) + _linear(h_local * qk, cfg.q_lora_rank, fp8)
+    total += _linear(cfg.kv_lora_rank + cfg.qk_rope_head_dim, d, fp8) + _bf16(cfg.kv_lora_rank)
     total += _linear(h_local * kv, cfg.kv_lora_rank, fp8) + _linear(d, h_local * cfg.v_head_dim, fp8)
     unit = BLOCK if fp8 else 1
 
-    def ffn(width: int) -> int:
+    def ffn(width: int) -> Size:
         w = _split(width, world, rank, unit, tp)
         return 2 * _linear(w, d, fp8) + _linear(d, w, fp8)
 
     if cfg.is_moe_layer(layer):
         e0, e1 = even_split(cfg.n_routed_experts, world, rank, "n_routed_experts")
-        total += cfg.n_routed_experts * d * 2  # router weight, BF16
-        total += cfg.n_routed_experts * 4 if cfg.topk_method == "noaux_tc" else 0  # router bias, float32
+        total += _bf16(cfg.n_routed_experts * d)  # router weight
+        if cfg.topk_method == "noaux_tc":
+            total += Size(cfg.n_routed_experts, 4 * cfg.n_routed_experts)  # router bias, float32
         inter = cfg.moe_intermediate_size
         total += (e1 - e0) * (2 * _linear(inter, d, fp8) + _linear(d, inter, fp8))
         if cfg.n_shared_experts:
-            total += ffn(cfg.n_shared_experts * cfg.moe_intermediate_size)
+            total += ffn(cfg.n_shared_experts * inter)
     else:
         total += ffn(cfg.intermediate_size)
     if layer >= cfg.num_hidden_layers:  # an MTP module: enorm, hnorm, eh_proj, shared_head.norm
-        total += 3 * d * 2 + 2 * d * d * 2
+        total += 3 * _bf16(d) + _bf16(2 * d * d)
+    return total
+
+
+def model_size(cfg: ModelConfig, world_size: int, rank: int = 0, layout: str = "tp", gemm_impl: str = "fp8",
+               mtp: bool = False) -> Size:
+    """The weights rank `rank` holds (main model; MTP modules too if mtp)."""
+    check_choice("layout", layout)
+    fp8 = check_choice("gemm_impl", gemm_impl) == "fp8"
+    tp = layout == "tp" and world_size > 1
+    v, d = cfg.vocab_size, cfg.hidden_size
+    v0, v1 = even_split(v, world_size, rank, "vocab_size") if tp else (0, v)
+    total = (1 if cfg.tie_word_embeddings else 2) * _bf16((v1 - v0) * d) + _bf16(d)  # embedding, head, final norm
+    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
+    lay = layout if tp else "dp"
+    for i in range(layers):
+        total += layer_size(cfg, i, world_size, rank, lay, fp8)
     return total
 
 
 def weight_bytes(cfg: ModelConfig, world_size: int, rank: int = 0, layout: str = "tp", gemm_impl: str = "fp8",
                  mtp: bool = False) -> int:
     """Exact bytes of the weights rank `rank` holds (main model; MTP modules too if mtp)."""
-    check_choice("layout", layout)
-    fp8 = check_choice("gemm_impl", gemm_impl) == "fp8"
-    tp = layout == "tp" and world_size > 1
-    v, d = cfg.vocab_size, cfg.hidden_size
-    v0, v1 = even_split(v, world_size, rank, "vocab_size") if tp else (0, v)
-    vocab = v1 - v0
-    total = vocab * d * 2 * (1 if cfg.tie_word_embeddings else 2) + d * 2  # embedding, head, final norm
-    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
-    lay = layout if tp else "dp"
-    return total + sum(layer_bytes(cfg, i, world_size, rank, lay, fp8) for i in range(layers))
+    return model_size(cfg, world_size, rank, layout, gemm_impl, mtp).nbytes
 
 
 def checkpoint_bytes(cfg: ModelConfig) -> tuple[int, int]:
     """(bytes, elements) of the released checkpoint's tensors for `cfg`, FP8 as released: every
     layer including the MTP modules, with the MTP modules' own copies of the embedding and head."""
-    fp8 = cfg.quantization_config is not None
-    n_bytes = weight_bytes(cfg, 1, 0, "tp", "fp8" if fp8 else "bf16", mtp=True)
-    n_bytes += len(checkpoint_copies(cfg)) * cfg.vocab_size * cfg.hidden_size * 2
-    return n_bytes, _elements(cfg)
-
-
-def _elements(cfg: ModelConfig) -> int:
-    """Elements of the release: bytes with every FP8 weight counted once per element, scales included."""
-    d = cfg.hidden_size
-    fp8 = cfg.quantization_config is not None
-
-    def linear(out: int, inp: int) -> int:
-        return out * inp + (math.ceil(out / BLOCK) * math.ceil(inp / BLOCK) if fp8 else 0)
-
-    h, qk, kv = cfg.num_attention_heads, cfg.qk_head_dim, cfg.qk_nope_head_dim + cfg.v_head_dim
-    attn = 2 * d + linear(cfg.kv_lora_rank + cfg.qk_rope_head_dim, d) + cfg.kv_lora_rank
-    attn += linear(h * kv, cfg.kv_lora_rank) + linear(d, h * cfg.v_head_dim)
-    attn += (linear(h * qk, d) if cfg.q_lora_rank is None else
-             linear(cfg.q_lora_rank, d) + cfg.q_lora_rank + linear(h * qk, cfg.q_lora_rank))
-
-    def ffn(width: int) -> int:
-        return 2 * linear(width, d) + linear(d, width)
-
-    total = 0
-    n_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    for i in range(n_layers):
-        total += attn
-        if cfg.is_moe_layer(i):
-            total += cfg.n_routed_experts * (d + 1 + ffn(cfg.moe_intermediate_size))
-            total += ffn(cfg.n_shared_experts * cfg.moe_intermediate_size) if cfg.n_shared_experts else 0
-        else:
-            total += ffn(cfg.intermediate_size)
-        if i >= cfg.num_hidden_layers:
-            total += 3 * d + 2 * d * d + 2 * cfg.vocab_size * d  # norms, eh_proj, its embedding and head copies
-    return total + 2 * cfg.vocab_size * d + d
+    size = model_size(cfg, 1, 0, "tp", "fp8" if cfg.quantization_config is not None else "bf16", mtp=True)
+    size += len(checkpoint_copies(cfg)) * _bf16(cfg.vocab_size * cfg.hidden_size)
+    return size.nbytes, size.elements
 
 
 def cache_bytes_per_token(cfg: ModelConfig) -> int:

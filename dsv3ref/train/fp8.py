@@ -14,41 +14,19 @@ block's partial sum be rescaled exactly (the report's "fine-grained quantization
 and the optimizer state stay in float32; the weight is quantized in 128 x 128 blocks once per step
 (forward and Dgrad share it), and the gradients come out in float32 (weight) and the activation dtype.
 
-`tile_matmul` is the one GEMM all three use: per-row scales on both operands, one per 128-wide block
-of the contraction (a 128 x 128 weight block's scale is the per-row scale of each of its 128 rows).
-Products are exact (float64 holds a 128-term sum of E4M3 products), block results are accumulated in
-float32 (DeepSeek's promotion to CUDA cores every 128 elements) or float64 for float64 inputs.
+All three are `dsv3ref.fp8.tile_matmul`, the GEMM inference uses too: per-row scales on both operands,
+one per 128-wide block of the contraction (a 128 x 128 weight block's scale is the per-row scale of
+each of its 128 rows). Products are exact (float64 holds a 128-term sum of E4M3 products), block
+results are accumulated in float32 (DeepSeek's promotion to CUDA cores every 128 elements) or float64
+for float64 inputs.
 """
 
 from __future__ import annotations
 
 import torch
-from einops import rearrange, repeat
 from torch import nn
 
-from dsv3ref.fp8 import BLOCK, FP8_WEIGHT, _pad_to, quantize_activation, quantize_weight
-
-
-def tile_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
-                accumulate: torch.dtype = torch.float32) -> torch.Tensor:
-    """a (M, K) @ b (N, K)^T with FP8 operands and per-row scales over 128-wide K blocks.
-
-    a_q (M, K) E4M3 with a_scale (M, Kb); b_q (N, K) E4M3 with b_scale (N, Kb). Returns (M, N) in
-    `accumulate`: for each K block the exact product sum times a_scale[m, kb] * b_scale[n, kb],
-    blocks added in order.
-    """
-    ab = rearrange(_pad_to(a_q.double(), (1,), BLOCK), "m (kb i) -> kb m i", i=BLOCK)
-    bb = rearrange(_pad_to(b_q.double(), (1,), BLOCK), "n (kb i) -> kb n i", i=BLOCK)
-    a_s, b_s = rearrange(a_scale.double(), "m kb -> kb m 1"), rearrange(b_scale.double(), "n kb -> kb 1 n")
-    acc = torch.zeros(a_q.shape[0], b_q.shape[0], dtype=accumulate, device=a_q.device)
-    for kb in range(ab.shape[0]):
-        acc = acc + ((ab[kb] @ bb[kb].T) * a_s[kb] * b_s[kb]).to(accumulate)
-    return acc
-
-
-def rows_of_blocks(block_scale: torch.Tensor, rows: int) -> torch.Tensor:
-    """A 128 x 128 block-scale grid (Rb, Cb) as per-row scales (rows, Cb): each row takes its block's."""
-    return repeat(block_scale, "rb cb -> (rb o) cb", o=BLOCK)[:rows]
+from dsv3ref.fp8 import quantize_activation, quantize_weight, replace_fp8_layers, rows_of_blocks, tile_matmul
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -60,7 +38,7 @@ class FP8LinearFunction(torch.autograd.Function):
         w_q, w_s = quantize_weight(weight.detach())  # (N, K) E4M3, (Nb, Kb): 128 x 128 blocks
         x_q, x_s = quantize_activation(x.detach())  # (M, K), (M, Kb): 1 x 128 tiles
         ctx.save_for_backward(x, w_q, w_s)
-        return tile_matmul(x_q, x_s, w_q, rows_of_blocks(w_s, w_q.shape[0]), acc).to(x.dtype)
+        return tile_matmul(x_q, x_s, w_q, rows_of_blocks(w_s, w_q.shape[0]), accumulate=acc).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -70,11 +48,11 @@ class FP8LinearFunction(torch.autograd.Function):
         # W^T (K, N) with the forward's blocks (transposed), one scale per row of W^T per N block.
         dy_q, dy_s = quantize_activation(dy)
         w_t_scale = rows_of_blocks(w_s.T.contiguous(), w_q.shape[1])  # (K, Nb)
-        dx = tile_matmul(dy_q, dy_s, w_q.T.contiguous(), w_t_scale, acc).to(x.dtype)
+        dx = tile_matmul(dy_q, dy_s, w_q.T.contiguous(), w_t_scale, accumulate=acc).to(x.dtype)
         # Wgrad: dW (N, K) = dy^T (N, M) @ x (M, K); contraction over tokens M: both in 128 x 1 tiles.
         dyt_q, dyt_s = quantize_activation(dy.T.contiguous())  # (N, M), (N, Mb)
         xt_q, xt_s = quantize_activation(x.detach().T.contiguous())  # (K, M), (K, Mb)
-        dw = tile_matmul(dyt_q, dyt_s, xt_q, xt_s, acc).float()
+        dw = tile_matmul(dyt_q, dyt_s, xt_q, xt_s, accumulate=acc).float()
         return dx, dw
 
 
@@ -97,10 +75,4 @@ def fp8_training_layers(model: nn.Module) -> int:
     """Replace every linear layer the release stores in FP8 (dsv3ref.fp8.FP8_WEIGHT) by an
     FP8TrainLinear with the same weight; returns how many. Embeddings, norms, routers, eh_proj and the
     head stay in float32, as in the report's framework."""
-    count = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and module.bias is None and FP8_WEIGHT.search(f"{name}.weight"):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, FP8TrainLinear(module.weight))
-            count += 1
-    return count
+    return replace_fp8_layers(model, lambda layer: FP8TrainLinear(layer.weight))
