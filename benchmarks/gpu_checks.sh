@@ -10,7 +10,12 @@
 # 3. the MoE layer in bf16: loop vs grouped vs HF's eager and grouped_mm experts;
 # 4. compiled decoding on CUDA (mode="reduce-overhead": CUDA graphs over the static cache) against eager;
 # 5. scale-out at world size 1 on NCCL: the sharded loader onto CUDA, the split model against the whole;
-# 6. training on CUDA (float32 and FP8 GEMMs), 30 steps each.
+# 6. training on CUDA (float32 and FP8 GEMMs), 30 steps each;
+# 7. DeepSeek-V3 at full width on one GPU (benchmarks/full_width.py: 3 dense + 1 MoE layer of 256 FP8
+#    experts, as a launch allocates them): the kernel "auto" picks against the exact emulation, and the
+#    planner against torch's allocator at 32 prompts x 4096 tokens;
+# 8. with more than one GPU: two layers at DeepSeek-V3's widths, every layout and exchange over NCCL at
+#    the GPUs' count against one process (float64).
 set -euo pipefail
 out=${1:-.}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -59,3 +64,31 @@ python3 -m torch.distributed.run --nproc-per-node 1 -m dsv3ref.parallel.selfchec
 # 6. training on CUDA, unchanged code: 30 steps in float32 and with FP8 GEMMs (emulated), losses compared.
 python3 -m dsv3ref train --device cuda --steps 30 --eval-every 30 --out-dir "$ckpt/train_f32" 2>&1 | tail -1 | tee "$out/train_cuda.txt"
 python3 -m dsv3ref train --device cuda --steps 30 --eval-every 30 --fp8 --out-dir "$ckpt/train_fp8" 2>&1 | tail -1 | tee -a "$out/train_cuda.txt"
+# 7. full width on one GPU: the launch's defaults, the planner against the allocator.
+python3 benchmarks/full_width.py --device cuda 2>&1 | tee "$out/full_width.txt"
+# 8. NCCL across GPUs, when there are several: each layout and exchange against one process.
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -gt 1 ]; then
+  # DeepSeek-V3's widths (hidden 7168, 128 heads, FFN 18432, experts 2048 wide), 2 layers (one dense,
+  # one MoE of 32 experts in 8 groups), a 16,384-token vocabulary: 2.5B parameters, made on the GPU
+  python3 - "$ckpt/wide" <<'EOF3'
+import sys
+
+import torch
+
+import dsv3ref
+
+cfg = dsv3ref.ModelConfig.preset("deepseek-v3").replace(
+    num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=32, vocab_size=16384,
+    num_nextn_predict_layers=0, quantization_config=None)
+torch.manual_seed(0)
+with torch.device("cuda"):
+    model = dsv3ref.DeepseekV3(cfg).to(torch.bfloat16)
+dsv3ref.save_pretrained(model, sys.argv[1])
+EOF3
+  for combo in "tp allreduce" "tp alltoall" "dp allreduce" "dp alltoall"; do
+    set -- $combo
+    python3 -m torch.distributed.run --nproc-per-node "$gpus" -m dsv3ref.parallel.selfcheck "$ckpt/wide" \
+      --layout "$1" --moe-comm "$2" 2>&1 | tail -1 | tee -a "$out/scale_out_nccl_multi.txt"
+  done
+fi

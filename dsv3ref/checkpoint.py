@@ -15,9 +15,10 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,10 +26,22 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dsv3ref.atomic import atomic_save_tensors, atomic_write_text, is_plain_name
+from dsv3ref.block import DecoderLayer
 from dsv3ref.config import ModelConfig
-from dsv3ref.fp8 import BLOCK, E4M3_MAX, QUANTIZATION_CONFIG, SCALE_SUFFIX, dequantize_weight, scaled_mm_recipe
-from dsv3ref.impl import CHOICES, Implementation
-from dsv3ref.mtp import checkpoint_copies
+from dsv3ref.fp8 import (
+    BLOCK,
+    E4M3,
+    E4M3_MAX,
+    QUANTIZATION_CONFIG,
+    SCALE_SUFFIX,
+    FP8Linear,
+    auto_kernel,
+    dequantize_weight,
+    replace_fp8_layers,
+    scaled_mm_recipe,
+)
+from dsv3ref.impl import AUTO, CHOICES, Implementation, check_request
+from dsv3ref.mtp import MTPLayer, checkpoint_copies
 
 if TYPE_CHECKING:
     from dsv3ref.model import DeepseekV3
@@ -293,42 +306,138 @@ process's part and returns the Shard of every tensor it split (tensors it droppe
 ranks' experts, are not read)."""
 
 
-def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, device, check_finite_values: bool = True,
+@dataclass(frozen=True)
+class Headers:
+    """A checkpoint described by its tensors' names, shapes and dtypes, without their data: what
+    `load_pretrained` reads from the safetensors headers before it allocates anything.
+
+    `load_pretrained(cls, Headers(...))` runs the whole load up to and including the allocation of
+    the model (on any device, the meta device or fake tensors included) and reads no data: the launch,
+    planned (dsv3ref.parallel.simulation). `Headers.of_release(cfg)` is the published layout of a config:
+    the tensors `save_pretrained` writes, the FP8 projections with their block scales when the config
+    has a quantization_config (as DeepSeek-V3's release stores them).
+    """
+
+    config: ModelConfig
+    tensors: dict[str, tuple[tuple[int, ...], str]]
+    """name -> (shape, safetensors dtype: "BF16", "F32", "F8_E4M3", ...)."""
+    label: str = "headers"
+
+    @classmethod
+    def of_release(cls, cfg: ModelConfig) -> Headers:
+        """The published layout of `cfg` (every layer, MTP modules and their copies of embedding and head)."""
+        kinds = {torch.bfloat16: "BF16", torch.float32: "F32", E4M3: "F8_E4M3"}
+        impl = Implementation(gemm_impl="fp8" if cfg.quantization_config is not None else "bf16")
+        v, d = cfg.vocab_size, cfg.hidden_size
+        tensors: dict[str, tuple[tuple[int, ...], str]] = {"model.embed_tokens.weight": ((v, d), "BF16"),
+                                                           "model.norm.weight": ((d,), "BF16")}
+        if not cfg.tie_word_embeddings:
+            tensors["lm_head.weight"] = ((v, d), "BF16")
+        n = cfg.num_hidden_layers
+        templates: dict[str, dict[str, tuple[tuple[int, ...], str]]] = {}  # one layer of each kind, built once
+        for i in range(n + cfg.num_nextn_predict_layers):
+            kind = "mtp" if i >= n else "moe" if cfg.is_moe_layer(i) else "dense"
+            if kind not in templates:
+                with torch.device("meta"):
+                    layer = (MTPLayer if kind == "mtp" else DecoderLayer)(cfg, i, impl)
+                    if impl.gemm_impl == "fp8":
+                        replace_fp8_layers(layer, lambda lin: FP8Linear(lin.in_features, lin.out_features),
+                                           prefix=f"model.layers.{i}.")
+                    layer = layer.to(torch.bfloat16)
+                templates[kind] = {name: (tuple(t.shape), kinds[t.dtype]) for name, t in layer.state_dict().items()}
+            tensors.update({f"model.layers.{i}.{name}": value for name, value in templates[kind].items()})
+        for copy, main in checkpoint_copies(cfg).items():
+            tensors[copy] = tensors[main]
+        return cls(cfg, tensors, label=f"the published layout of a {cfg.num_hidden_layers}-layer config")
+
+
+def resolve_implementation(stores_fp8: bool, device: str | torch.device, *, attn_impl: str = "naive",
+                           attn_order: str = "auto", moe_impl: str = "loop", gemm_impl: str = "bf16",
+                           fp8_kernel: str = AUTO) -> Implementation:
+    """The Implementation a load asks for, with "auto" decided (see dsv3ref.impl): gemm_impl "fp8" when
+    the checkpoint stores FP8 weights; fp8_kernel "scaled_mm" where the device runs torch's blockwise
+    scaled_mm; moe_impl "loop" for FP8 weights, "grouped" otherwise."""
+    for field, value in (("moe_impl", moe_impl), ("gemm_impl", gemm_impl), ("fp8_kernel", fp8_kernel)):
+        check_request(field, value)
+    if gemm_impl == AUTO:
+        gemm_impl = "fp8" if stores_fp8 else "bf16"
+    if fp8_kernel == AUTO:
+        fp8_kernel = auto_kernel(device) if gemm_impl == "fp8" else "emulate"
+    if moe_impl == AUTO:
+        moe_impl = "loop" if gemm_impl == "fp8" else "grouped"
+    return Implementation(attn_impl=attn_impl, attn_order=attn_order, moe_impl=moe_impl, gemm_impl=gemm_impl,
+                          fp8_kernel=fp8_kernel)
+
+
+def resolve_dtype(dtype: torch.dtype | str, device: str | torch.device) -> torch.dtype:
+    """dtype "auto": bfloat16 on CUDA (DeepSeek's inference dtype), float32 elsewhere."""
+    if dtype == AUTO:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype: expected a floating torch.dtype such as torch.float32 (or 'auto'), found {dtype!r}")
+    return dtype
+
+
+def stores_fp8(source: str | Path | Headers) -> bool:
+    """Whether a checkpoint folder (or Headers) stores FP8 weights (tensors named *.weight_scale_inv)."""
+    names = source.tensors if isinstance(source, Headers) else tensor_files(source)
+    return any(name.endswith(".weight" + SCALE_SUFFIX) for name in names)
+
+
+def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | str, device, attn_impl: str = "naive",
+                    attn_order: str = "auto", moe_impl: str = "loop", gemm_impl: str = "bf16",
+                    fp8_kernel: str = AUTO, mtp: bool | None = None, check_finite_values: bool = True,
                     parallelize: Parallelize | None = None, progress: bool | None = None) -> DeepseekV3:
-    """Build `cls(config, impl=impl)` on `device` in `dtype` and fill it from the checkpoint in `path`.
+    """Build `cls(config, impl=...)` on `device` in `dtype` and fill it from the checkpoint in `source`.
 
     Everything that can be checked without the weights is checked before any weight memory is
     allocated: config.json against the tensor names (layer and expert counts), then every tensor's
     name, shape and dtype from the safetensors headers against the model built on the meta device.
     Then each tensor is read, checked to be finite (unless check_finite_values is False: a streaming
-    reduction over each tensor as it is read) and copied into place.
+    reduction over each tensor as it is read) and copied into place. A `Headers` source stops after
+    the allocation: nothing is read (the model's values are whatever the device holds).
+
+    How it computes: attn_impl ... fp8_kernel, each a value of dsv3ref.impl or "auto" where loading
+    decides (`resolve_implementation`), and dtype (a torch dtype or "auto": `resolve_dtype`).
 
     MTP modules: config.json's num_nextn_predict_layers decides how many are read (from
     `model.layers.{num_hidden_layers + k}`); a checkpoint that stores none loads with MTP off
     (num_nextn_predict_layers = 0); their copies of the embedding and head must equal the main ones.
+    mtp=False leaves them unread (only speculative decoding needs them); True requires them.
 
     FP8 checkpoints (`quantization_config.quant_method: fp8`): every `*.weight` stored in E4M3 comes
-    with its `*.weight_scale_inv`. impl.gemm_impl "bf16" dequantizes them on load (to `dtype`);
-    "fp8" keeps the weights the release stores in FP8 as they are (the model's `FP8Linear` layers)
-    and dequantizes any other FP8 tensor.
+    with its `*.weight_scale_inv`. gemm_impl "bf16" dequantizes them on load (to `dtype`); "fp8" keeps
+    the weights the release stores in FP8 as they are (the model's `FP8Linear` layers) and dequantizes
+    any other FP8 tensor.
 
     parallelize: a parallel plan (see `Parallelize`; dsv3ref.parallel.from_pretrained passes one):
     only this process's part of each tensor is read. progress: a tqdm bar over the bytes read
     (None: shown when there is more than 1 GiB to read).
     """
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype: expected a floating torch.dtype such as torch.float32, found {dtype!r}")
-    if impl.fp8_kernel == "scaled_mm" and scaled_mm_recipe(device) is None:
-        raise ValueError(f"fp8_kernel='scaled_mm': torch {torch.__version__} offers no block-scaled scaled_mm on "
-                         f"device {device} (a CPU, or an SM90 GPU with CUDA >= 12.9); use fp8_kernel='emulate'")
-    path = Path(path)
-    files = tensor_files(path)
-    cfg = ModelConfig.from_pretrained(path)
+    dtype = resolve_dtype(dtype, device)
+    headers_only = isinstance(source, Headers)
+    if headers_only:
+        path = Path(source.label)
+        files = dict.fromkeys(source.tensors, path)
+        cfg = source.config
+    else:
+        path = Path(source)
+        files = tensor_files(path)
+        cfg = ModelConfig.from_pretrained(path)
     n_main, n_mtp = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
     layer_ids = {int(m.group(1)) for m in map(_LAYER.match, files) if m}
     notes = []
     if n_mtp and not layer_ids & set(range(n_main, n_main + n_mtp)):
+        if mtp:
+            raise CheckpointError(f"{path}: mtp=True (speculative decoding) needs the MTP module(s) config.json "
+                                  f"declares ({n_mtp}), but the checkpoint stores none")
         notes.append(f"config.json asks for {n_mtp} MTP module(s) but the checkpoint stores none: MTP is off")
+        n_mtp = 0
+    elif mtp and not n_mtp:
+        raise CheckpointError(f"{path / 'config.json'}: mtp=True (speculative decoding) needs MTP modules, but "
+                              "num_nextn_predict_layers is 0")
+    elif mtp is False and n_mtp:
+        notes.append(f"MTP module(s) not loaded (mtp=False): {n_mtp} left unread")
         n_mtp = 0
     check_layout(cfg, files, path / "config.json", n_mtp)
     fp8_weights = {name[: -len(SCALE_SUFFIX)] for name in files if name.endswith(".weight" + SCALE_SUFFIX)}
@@ -338,6 +447,11 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
         if name not in files:
             raise CheckpointError(f"{files[name + SCALE_SUFFIX]}: block scale {name + SCALE_SUFFIX} has no "
                                   f"weight {name}")
+    impl = resolve_implementation(bool(fp8_weights), device, attn_impl=attn_impl, attn_order=attn_order,
+                                  moe_impl=moe_impl, gemm_impl=gemm_impl, fp8_kernel=fp8_kernel)
+    if impl.fp8_kernel == "scaled_mm" and scaled_mm_recipe(device) is None:
+        raise ValueError(f"fp8_kernel='scaled_mm': torch {torch.__version__} offers no block-scaled scaled_mm on "
+                         f"device {device} (a CPU, or an SM90 GPU with CUDA >= 12.9); use fp8_kernel='emulate'")
     if impl.gemm_impl == "fp8" and not fp8_weights:
         raise ValueError(f"gemm_impl='fp8': {path} stores no FP8 weights (no *.weight_scale_inv tensors)")
     cfg = cfg.replace(num_nextn_predict_layers=n_mtp,
@@ -361,8 +475,11 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
     #    those another process reads).
     by_file: dict[Path, list[str]] = {}
     unused: list[str] = []
+    dequantized = fp8_weights - kept_fp8  # FP8 tensors of the checkpoint that the model holds in high precision
     for name, file in files.items():
-        dequantized_scale = name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in fp8_weights - kept_fp8
+        weight = name.removesuffix(SCALE_SUFFIX)
+        dequantized_scale = (name.endswith(SCALE_SUFFIX) and weight in dequantized
+                             and (weight in full or weight in copies))
         if name in full or name in copies or dequantized_scale:
             by_file.setdefault(file, []).append(name)
             continue
@@ -371,14 +488,14 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
             raise CheckpointError(f"{file}: stores lm_head.weight although config.json sets "
                                   "tie_word_embeddings=true (the head is the embedding)")
         if m and int(m.group(1)) >= n_main + n_mtp:
-            unused.append(name)  # an MTP module beyond num_nextn_predict_layers (or MTP switched off)
+            unused.append(name)  # an MTP module beyond num_nextn_predict_layers (or MTP switched off / not asked for)
             continue
         raise CheckpointError(f"{file}: unexpected tensor {name} (not a parameter of the model described by "
                               f"config.json; {len(full)} parameters expected)")
     present = set()
     headers: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype) as stored
     for file, names in by_file.items():
-        with open_safetensors(file) as f:
+        with (nullcontext(_StoredHeaders(source.tensors)) if headers_only else open_safetensors(file)) as f:
             stored = set(f.keys())
             for name in names:
                 if name not in stored:
@@ -418,6 +535,10 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if headers_only:
+        model.load_report = LoadReport(path=path, unused_tensors=tuple(sorted(unused)),
+                                       notes=(*notes, "headers only: no tensor was read"), bytes_read=0)
+        return model.eval()
     targets = model.state_dict()
     copy_values = {}
     reader = _Reader(files, shards, copies)
@@ -452,6 +573,20 @@ def load_pretrained(cls, path, *, impl: Implementation, dtype: torch.dtype, devi
     model.load_report = LoadReport(path=path, unused_tensors=tuple(sorted(unused)), notes=tuple(notes),
                                    bytes_read=reader.bytes_read)
     return model.eval()
+
+
+class _StoredHeaders:
+    """A Headers source seen through the interface of an open safetensors file (keys, get_slice)."""
+
+    def __init__(self, tensors: dict[str, tuple[tuple[int, ...], str]]):
+        self.tensors = tensors
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def get_slice(self, name: str):
+        shape, kind = self.tensors[name]
+        return SimpleNamespace(get_shape=lambda: list(shape), get_dtype=lambda: kind)
 
 
 class _Reader:

@@ -15,20 +15,37 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from dsv3ref import DeepseekV3, ModelConfig, count_parameters, generate, save_pretrained
-from dsv3ref.impl import CHOICES, Implementation
+from dsv3ref.checkpoint import resolve_dtype, resolve_implementation, stores_fp8
+from dsv3ref.impl import AUTO, CHOICES, Implementation
 from dsv3ref.oracle import compare, trace, trace_hf
-from dsv3ref.parallel import Parallel, ParallelError, from_pretrained, parallelize
-from dsv3ref.parallel.launch import LaunchError, generate_data_parallel, init_from_env, launched_by_torchrun
-from dsv3ref.parallel.planner import format_table, machine_table, plan
+from dsv3ref.parallel import Parallel, from_pretrained, parallelize
+from dsv3ref.parallel.launch import (
+    DEFAULT_LOAD_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+    LaunchError,
+    agree,
+    available_memory,
+    check_memory,
+    describe_failure,
+    generate_data_parallel,
+    generation_group,
+    init_from_env,
+    launched_by_torchrun,
+)
+from dsv3ref.parallel.planner import GIB, RESERVE_BYTES, format_table, machine_table, plan
+from dsv3ref.parallel.simulation import simulate
+from dsv3ref.prefill import DEFAULT_PREFILL_CHUNK
 from dsv3ref.tokenizer import StreamDecoder, Tokenizer
 from dsv3ref.train import TrainConfig, train
 
@@ -55,27 +72,41 @@ def _seed(text: str) -> int:
     return value
 
 
-def implementation(args: argparse.Namespace) -> Implementation:
-    """The --attn-impl ... --fp8-kernel flags as an Implementation (defaults: the fast paths)."""
-    moe_impl = args.moe_impl or ("loop" if args.gemm_impl == "fp8" else "grouped")
-    return Implementation(attn_impl=args.attn_impl, attn_order=args.attn_order, moe_impl=moe_impl,
-                          gemm_impl=args.gemm_impl, fp8_kernel=args.fp8_kernel)
+DTYPES = {"auto": AUTO, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+"""--dtype's values: "auto" is bfloat16 on CUDA, float32 on a CPU."""
+
+
+def requests(args: argparse.Namespace) -> dict:
+    """The --attn-impl ... --fp8-kernel flags, as loading takes them ("auto" decided by the loader)."""
+    return dict(attn_impl=args.attn_impl, attn_order=args.attn_order, moe_impl=args.moe_impl,
+                gemm_impl=args.gemm_impl, fp8_kernel=args.fp8_kernel)
+
+
+def embedded_config() -> ModelConfig:
+    """The embedded model: the tiny preset with the DeepSeek-V3 tokenizer's vocabulary."""
+    return ModelConfig.preset("tiny").replace(vocab_size=ModelConfig.preset("deepseek-v3").vocab_size)
 
 
 def load_for_text(ckpt_path: str | None, seed: int = 0, impl: Implementation | None = None,
-                  parallel: Parallel | None = None, device: str | torch.device = "cpu"
-                  ) -> tuple[DeepseekV3, Tokenizer, str]:
+                  parallel: Parallel | None = None, device: str | torch.device = "cpu", *,
+                  group: dist.ProcessGroup | None = None, **load) -> tuple[DeepseekV3, Tokenizer, str]:
     """The model and tokenizer of a checkpoint folder, or the embedded default. parallel: split the
-    model over the default process group (each rank reads only its part of the checkpoint)."""
-    impl = impl or Implementation(attn_impl="absorb", moe_impl="grouped")
+    model over `group` (default: the world; each rank reads only its part of the checkpoint). impl: how
+    it computes (default: absorbed attention, grouped experts); or, for a checkpoint, `load`: the
+    keywords of from_pretrained ("auto" allowed: dtype, gemm_impl, fp8_kernel, moe_impl; mtp)."""
     if ckpt_path is None:
+        impl = impl or Implementation(attn_impl="absorb", moe_impl="grouped")
+        if load.get("moe_impl", impl.moe_impl) != AUTO:
+            impl = impl.replace(**{k: v for k, v in load.items() if k in ("attn_impl", "attn_order", "moe_impl")})
         tokenizer = Tokenizer.from_pretrained()
-        cfg = ModelConfig.preset("tiny").replace(vocab_size=ModelConfig.preset("deepseek-v3").vocab_size)
+        cfg = embedded_config()
+        if load.get("mtp") is False:  # as a checkpoint's MTP module is left unread
+            cfg = cfg.replace(num_nextn_predict_layers=0)
         torch.manual_seed(seed)
         model = DeepseekV3(cfg, impl=impl).eval()
         if parallel is not None:
-            parallelize(model, parallel=parallel)
-        return model.to(device), tokenizer, UNTRAINED
+            parallelize(model, group, parallel)
+        return model.to(device, resolve_dtype(load.get("dtype", torch.float32), device)), tokenizer, UNTRAINED
     path = Path(ckpt_path)
     if not path.is_dir():
         raise CliError(f"--ckpt-path {path}: no such checkpoint folder")
@@ -83,10 +114,11 @@ def load_for_text(ckpt_path: str | None, seed: int = 0, impl: Implementation | N
         tokenizer = Tokenizer.from_pretrained(path)
     except FileNotFoundError as e:
         raise CliError(str(e)) from None
+    keywords = dict(dataclasses.asdict(impl) if impl is not None else {}, **load)
     if parallel is not None:
-        model = from_pretrained(path, parallel=parallel, device=device, **dataclasses.asdict(impl))
+        model = from_pretrained(path, group, parallel, device=device, **keywords)
     else:
-        model = DeepseekV3.from_pretrained(path, device=device, **dataclasses.asdict(impl))
+        model = DeepseekV3.from_pretrained(path, device=device, **keywords)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CliError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                        f"{model.config.vocab_size}")
@@ -114,7 +146,10 @@ def _reply(model, tokenizer, ids, args, out) -> list[int]:
             out.flush()
 
     options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   eos_token_id=tokenizer.eos_token_id, seed=args.seed, compile=getattr(args, "compile", False))
+                   eos_token_id=tokenizer.eos_token_id, seed=args.seed, compile=getattr(args, "compile", False),
+                   prefill_chunk=getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
+    if getattr(args, "speculative", False):
+        options["speculative"] = True
     if model.parallel is not None and model.parallel.parallel.layout == "dp":  # all ranks step together
         tokens = generate_data_parallel(model, [ids], args.max_new_tokens, **options).tokens[0]
         out.write(tokenizer.decode(tokens, skip_special_tokens=True))
@@ -124,30 +159,109 @@ def _reply(model, tokenizer, ids, args, out) -> list[int]:
     return tokens
 
 
-def _text_model(args: argparse.Namespace) -> tuple[DeepseekV3, Tokenizer, str, bool]:
+def _device(args: argparse.Namespace, torchrun_device: torch.device | None) -> torch.device:
+    if torchrun_device is not None:
+        return torchrun_device
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def _summary(model: DeepseekV3, prefill_chunk: int) -> str:
+    """How the launched model computes, in words (printed once at the start)."""
+    impl = model.impl
+    gemm = f"fp8 GEMMs ({impl.fp8_kernel})" if impl.gemm_impl == "fp8" else f"{str(model.dtype)[6:]} GEMMs"
+    mtp = f"MTP loaded ({len(model.mtp_layers)})" if len(model.mtp_layers) else "MTP not loaded"
+    return (f"{gemm}, {str(model.dtype)[6:]} on {model.device}, attention {impl.attn_impl}, experts {impl.moe_impl}, "
+            f"{mtp}, prefill {prefill_chunk} tokens a pass")
+
+
+def _text_model(args: argparse.Namespace, seq_len: Callable[[Tokenizer], int]
+                ) -> tuple[DeepseekV3, Tokenizer, str, bool]:
     """The model of generate/chat: on one process, or split over torchrun's processes (then joined
-    into a process group first). Returns (model, tokenizer, label, whether this rank prints)."""
-    if not launched_by_torchrun():
-        if args.layout != "tp" or args.moe_comm != "allreduce":
-            raise CliError("--layout/--moe-comm choose how the model is split over processes: launch with "
-                           "torchrun --nproc-per-node N -m dsv3ref ...")
-        return (*load_for_text(args.ckpt_path, args.seed, implementation(args)), True)
-    rank, world, device = init_from_env(args.timeout)
+    into process groups first). seq_len(tokenizer): the positions of cache the launch plans for.
+    Returns (model, tokenizer, label, whether this rank prints).
+
+    Before anything is allocated, the plan of the launch is compared with the memory the device has
+    (`check_memory`); under torchrun every rank's verdict is exchanged before loading, and again after
+    it (the barrier after loading, within --load-timeout); generation then runs on a group of its own
+    whose collectives fail after --timeout."""
+    torchrun = launched_by_torchrun()
+    if not torchrun and (args.layout != "tp" or args.moe_comm != "allreduce"):
+        raise CliError("--layout/--moe-comm choose how the model is split over processes: launch with "
+                       "torchrun --nproc-per-node N -m dsv3ref ...")
+    if args.speculative and args.layout == "dp":
+        raise CliError("--speculative: not available with --layout dp (each rank would call the model a different "
+                       "number of times); use --layout tp")
+    if torchrun and args.compile and (args.layout, args.moe_comm) != ("tp", "allreduce"):
+        raise CliError(f"--compile under torchrun: supported with --layout tp --moe-comm allreduce (the exchange of "
+                       f"--layout {args.layout} --moe-comm {args.moe_comm} has sizes that depend on the routing, "
+                       "which one compiled graph per step cannot hold)")
+    rank, world, group, parallel, torchrun_device = 0, 1, None, None, None
+    if torchrun:
+        rank, world, torchrun_device = init_from_env(args.load_timeout)
+        group = generation_group(args.timeout)
+        parallel = Parallel(args.layout, args.moe_comm)
+    device = _device(args, torchrun_device)
+    dtype = resolve_dtype(DTYPES[args.dtype], device)
+    mtp = bool(args.speculative)
+    failure = None
     try:
-        model, tokenizer, label = load_for_text(args.ckpt_path, args.seed, implementation(args),
-                                                Parallel(args.layout, args.moe_comm), device)
-    except ParallelError as e:
-        raise CliError(f"world size {world} does not fit this model: {e}") from None
-    return model, tokenizer, f"{label}; rank {rank} of {world}, layout {args.layout}, {args.moe_comm}", rank == 0
+        if args.ckpt_path is None:
+            cfg, fp8, tokenizer = embedded_config(), False, Tokenizer.from_pretrained()
+        else:
+            path = Path(args.ckpt_path)
+            if not path.is_dir():
+                raise CliError(f"--ckpt-path {path}: no such checkpoint folder")
+            try:
+                tokenizer = Tokenizer.from_pretrained(path)
+            except FileNotFoundError as e:
+                raise CliError(str(e)) from None
+            cfg, fp8 = ModelConfig.from_pretrained(path), stores_fp8(path)
+        impl = resolve_implementation(fp8, device, **requests(args))
+        available, where = available_memory(device)
+        if args.max_memory_gib is not None:
+            available, where = int(args.max_memory_gib * GIB), f"--max-memory-gib is {args.max_memory_gib:g}"
+        try:
+            check_memory(cfg, world, parallel or Parallel(), impl, dtype, batch_size=1,
+                         seq_len=min(seq_len(tokenizer), cfg.max_position_embeddings),
+                         prefill_chunk=args.prefill_chunk, mtp=mtp, device=device, available=available, where=where,
+                         stores_fp8=fp8)
+        except ValueError as e:  # a world size that does not divide the model
+            raise CliError(f"world size {world} does not fit this model: {e}") from None
+    except Exception as e:  # noqa: BLE001 - every rank must hear of it before anyone allocates
+        failure = e
+    if torchrun:
+        agree("the start", failure, "another rank did not reach the start (it exited, or --load-timeout passed)")
+    elif failure is not None:
+        raise failure
+    try:
+        model, tokenizer, label = load_for_text(args.ckpt_path, args.seed, None, parallel, device, group=group,
+                                                dtype=dtype, mtp=mtp, **requests(args))
+    except Exception as e:  # noqa: BLE001
+        failure = e
+    if torchrun:
+        agree("loading", failure, f"the other ranks did not finish loading within --load-timeout "
+                                  f"{args.load_timeout:g} s (a slow disk, or a rank that died)")
+        label += f"; rank {rank} of {world}, layout {args.layout}, {args.moe_comm}"
+    elif failure is not None:
+        raise failure
+    return model, tokenizer, f"{label}; {_summary(model, args.prefill_chunk)}", rank == 0
+
+
+CHAT_PLANNED_HISTORY = 4096
+"""chat plans its memory for a conversation of this many tokens before the reply (a longer one may need more)."""
 
 
 def generate_cmd(args: argparse.Namespace) -> int:
-    model, tokenizer, label, speaks = _text_model(args)
+    def prompt(tokenizer: Tokenizer) -> list[int]:
+        return _prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}], args.raw)
+
+    model, tokenizer, label, speaks = _text_model(args, lambda tok: len(prompt(tok)) + args.max_new_tokens)
     out = sys.stdout if speaks else io.StringIO()
     if speaks:
         print(f"[{label}]", file=sys.stderr)
-    ids = _prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}], args.raw)
-    _reply(model, tokenizer, ids, args, out)
+    _reply(model, tokenizer, prompt(tokenizer), args, out)
     return 0
 
 
@@ -162,7 +276,7 @@ def _read_line(speaks: bool) -> str:
 
 
 def chat_cmd(args: argparse.Namespace) -> int:
-    model, tokenizer, label, speaks = _text_model(args)
+    model, tokenizer, label, speaks = _text_model(args, lambda tok: CHAT_PLANNED_HISTORY + args.max_new_tokens)
     interactive = sys.stdin.isatty() and speaks
     err = sys.stderr if speaks else io.StringIO()
     out = sys.stdout if speaks else io.StringIO()
@@ -248,22 +362,47 @@ def compare_cmd(args: argparse.Namespace) -> int:
 
 
 def plan_cmd(args: argparse.Namespace) -> int:
-    """Print the per-GPU memory plan of a configuration (default: the released DeepSeek-V3)."""
+    """Print the per-GPU memory plan of a configuration (default: the released DeepSeek-V3); with
+    --simulate, beside what the launch's code allocates on fake tensors (dsv3ref.parallel.simulation)."""
     cfg = (ModelConfig.preset("deepseek-v3") if args.config == "deepseek-v3"
            else ModelConfig.from_pretrained(Path(args.config)))
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else torch.bfloat16
     if args.world_size is None:
-        print(f"DeepSeek-V3 per GPU, batch {args.batch_size} x {args.seq_len} tokens of latent cache (BF16), "
-              f"main model without MTP; reserve 3 GiB per GPU")
-        print(format_table(machine_table(cfg, args.batch_size, args.seq_len)))
+        if args.simulate:
+            raise CliError("--simulate runs one launch: give its --world-size")
+        print(f"DeepSeek-V3 per GPU, batch {args.batch_size} x {args.seq_len} tokens of latent cache "
+              f"({str(dtype)[6:]}), prefill {args.prefill_chunk} tokens a pass, main model without MTP; reserve "
+              f"{RESERVE_BYTES / GIB:g} GiB per GPU; GiB = 2^30 bytes, as the GPUs report their memory")
+        print(format_table(machine_table(cfg, args.batch_size, args.seq_len, layouts=args.layout,
+                                         gemm_impl=args.gemm_impl, dtype=dtype, prefill_chunk=args.prefill_chunk)))
         return 0
-    p = plan(cfg, args.world_size, args.layout, args.gemm_impl, args.gpu_memory_gib, args.batch_size, args.seq_len)
-    gb = 1e9
-    print(f"world size {p.world_size}, layout {p.layout}, gemm_impl {p.gemm_impl}, batch {p.batch_size} x "
-          f"{p.seq_len} tokens, GPU {p.gpu_memory / gb:.1f} GB")
-    print(f"  weights      {p.weights / gb:9.2f} GB  (the largest rank's, exact)")
-    print(f"  latent cache {p.cache / gb:9.2f} GB")
-    print(f"  activations  {p.activations / gb:9.2f} GB  (estimate of a prefill chunk's peak)")
-    print(f"  reserve      {p.reserve / gb:9.2f} GB")
+    layout, gemm = args.layout or "tp", args.gemm_impl or "fp8"
+    moe_comm = args.moe_comm or ("alltoall" if layout == "dp" else "allreduce")
+    p = plan(cfg, args.world_size, layout, gemm, args.gpu_memory_gib, args.batch_size, args.seq_len,
+             args.prefill_chunk, args.mtp, dtype=dtype, moe_comm=moe_comm)
+    sim = None
+    if args.simulate:
+        sim = simulate(cfg, args.world_size, 0, Parallel(layout, moe_comm), dtype=dtype, gemm_impl=gemm,
+                       batch_size=args.batch_size, seq_len=args.seq_len, prefill_chunk=args.prefill_chunk,
+                       mtp=args.mtp)
+    print(f"world size {p.world_size}, layout {p.layout}, {moe_comm}, gemm_impl {p.gemm_impl}, {str(dtype)[6:]}, batch "
+          f"{p.batch_size} x {p.seq_len} tokens, prefill {p.prefill_chunk} tokens a pass, MTP "
+          f"{'loaded' if p.mtp else 'not loaded'}; GPU {p.gpu_memory / GIB:.1f} GiB")
+    rows = [("weights", p.weights, sim and sim.weights, "the largest rank's, exact"),
+            ("derived", p.derived, None, "kept beside the weights"),
+            ("cache", p.cache, sim and sim.cache, ""),
+            ("activations", p.activations + p.derived, sim and sim.activations,
+             "the larger of a prefill pass and a decode step (derived included)"),
+            ("reserve", p.reserve, None, "CUDA context, NCCL, allocator slack"),
+            ("peak", p.used - p.reserve, sim and sim.peak, "all but the reserve")]
+    print(f"  {'':12} {'plan GiB':>9}" + (f" {'simulated GiB':>14}" if sim else ""))
+    for name, planned, simulated, note in rows:
+        shown = "" if sim is None else (f" {simulated / GIB:14.2f}" if simulated is not None else " " * 15)
+        print(f"  {name:12} {planned / GIB:9.2f}{shown}  {note}")
+    if sim:
+        print(f"  (simulated: rank 0 of {sim.world_size} on fake tensors, {sim.impl.gemm_impl} GEMMs through "
+              f"{sim.impl.fp8_kernel if sim.impl.gemm_impl == 'fp8' else 'dense'}; the plan is "
+              f"{(p.used - p.reserve) / sim.peak:.3f}x the simulated peak)")
     print(f"  cache tokens that fit: {p.cache_tokens_fit:,} per GPU, {p.total_tokens_fit:,} in all")
     print(f"  fits: {'yes' if p.fits else 'NO'}")
     return 0 if p.fits else 1
@@ -296,6 +435,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a finite positive number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, found {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, found {text}")
+    return value
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-path", default=None, help="checkpoint folder with tokenizer files (default: the "
                                                      "embedded untrained tiny model)")
@@ -305,6 +455,16 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--compile", action="store_true", help="decode through torch.compile (one graph, captured once)")
+    p.add_argument("--speculative", action="store_true",
+                   help="self-speculative decoding with the MTP module (loaded only then)")
+    p.add_argument("--prefill-chunk", type=_positive, default=DEFAULT_PREFILL_CHUNK,
+                   help="tokens one prefill pass takes at most (bounds its memory; the text does not change)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="one process: where it runs (auto: cuda when there is one); under torchrun each rank takes "
+                        "its GPU, or the CPU")
+    p.add_argument("--max-memory-gib", type=_positive_float, default=None,
+                   help="memory a rank may use (default: what its GPU has free, or the machine's available memory "
+                        "shared by its processes); a launch that needs more stops before loading")
     _impl_args(p)
 
 
@@ -313,17 +473,26 @@ def _impl_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("implementation (see dsv3ref.impl; every choice gives the same result)")
     g.add_argument("--attn-impl", choices=CHOICES["attn_impl"], default="absorb")
     g.add_argument("--attn-order", choices=CHOICES["attn_order"], default="auto", help="for --attn-impl absorb")
-    g.add_argument("--moe-impl", choices=CHOICES["moe_impl"], default=None,
-                   help="default: grouped (loop with --gemm-impl fp8)")
-    g.add_argument("--gemm-impl", choices=CHOICES["gemm_impl"], default="bf16",
-                   help="fp8: keep an FP8 checkpoint's weights in FP8")
-    g.add_argument("--fp8-kernel", choices=CHOICES["fp8_kernel"], default="emulate", help="for --gemm-impl fp8")
+    g.add_argument("--moe-impl", choices=(AUTO, *CHOICES["moe_impl"]), default=AUTO,
+                   help="auto: grouped (loop with FP8 GEMMs)")
+    g.add_argument("--gemm-impl", choices=(AUTO, *CHOICES["gemm_impl"]), default=AUTO,
+                   help="auto: the checkpoint's own format (an FP8 checkpoint runs FP8 GEMMs); bf16: dequantize on "
+                        "load")
+    g.add_argument("--fp8-kernel", choices=(AUTO, *CHOICES["fp8_kernel"]), default=AUTO,
+                   help="auto: torch's blockwise scaled_mm where the GPU runs it (SM90, CUDA >= 12.9), else the "
+                        "exact emulation")
+    g.add_argument("--dtype", choices=list(DTYPES), default=AUTO,
+                   help="weights (but FP8), activations, cache and exchanges; auto: bfloat16 on CUDA, float32 on a "
+                        "CPU (router scores and bias, norm statistics and softmax stay float32)")
     g = p.add_argument_group("parallel (under torchrun; see dsv3ref.parallel)")
     g.add_argument("--layout", choices=CHOICES["layout"], default="tp",
                    help="tp: heads, FFNs, vocabulary and experts split; dp: data-parallel attention, experts split")
     g.add_argument("--moe-comm", choices=CHOICES["moe_comm"], default="allreduce",
                    help="how tokens meet the routed experts on other ranks")
-    g.add_argument("--timeout", type=float, default=600.0, help="seconds before a collective fails (a dead rank)")
+    g.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds before a collective of generation fails (a dead rank)")
+    g.add_argument("--load-timeout", type=_positive_float, default=DEFAULT_LOAD_TIMEOUT_S,
+                   help="seconds the ranks wait for each other at the start and after loading (a slow disk)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,11 +527,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="per-GPU memory of the full model: weights, latent cache, what fits")
     p.add_argument("--config", default="deepseek-v3", help="'deepseek-v3' or a checkpoint folder's config.json")
     p.add_argument("--world-size", type=_positive, default=None, help="GPUs (default: the usual machines)")
-    p.add_argument("--layout", choices=CHOICES["layout"], default="tp")
-    p.add_argument("--gemm-impl", choices=CHOICES["gemm_impl"], default="fp8")
-    p.add_argument("--gpu-memory-gib", type=float, default=143_771 / 1024, help="default: an H200's 140.4 GiB")
+    p.add_argument("--layout", choices=CHOICES["layout"], default=None, help="default: both (table), tp (one plan)")
+    p.add_argument("--moe-comm", choices=CHOICES["moe_comm"], default=None,
+                   help="default: allreduce with tp, alltoall with dp")
+    p.add_argument("--gemm-impl", choices=CHOICES["gemm_impl"], default=None,
+                   help="default: each machine's (table), fp8 (one plan)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=AUTO, help="auto: bfloat16, as on the GPUs")
+    p.add_argument("--gpu-memory-gib", type=_positive_float, default=143_771 / 1024,
+                   help="default: an H200's 140.4 GiB")
     p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument("--seq-len", type=_positive, default=4096)
+    p.add_argument("--prefill-chunk", type=_positive, default=DEFAULT_PREFILL_CHUNK)
+    p.add_argument("--mtp", action="store_true", help="the MTP module loaded (speculative decoding)")
+    p.add_argument("--simulate", action="store_true",
+                   help="also run the launch's code for rank 0 on fake tensors and show what it allocates "
+                        "(about a minute for the full model)")
     p.set_defaults(func=plan_cmd)
     p = sub.add_parser("train", help="train a small DeepSeek-V3 on the Python standard library's source (bytes)")
     p.add_argument("--out-dir", default="runs/train", help="checkpoints (step_NNNNNN/) and metrics.jsonl")
@@ -393,14 +572,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # under torchrun: another rank died (gloo: peer closed), or a collective timed out
-        if not dist.is_initialized():
+    except Exception as e:
+        told = describe_failure(e)  # out of memory, torch.compile, a collective; None: a bug (traceback)
+        if told is None:
             raise
-        print(f"error: rank {dist.get_rank() if dist.is_initialized() else '?'}: a collective failed (another rank "
-              f"exited, or --timeout passed): {str(e).splitlines()[0]}", file=sys.stderr)
-        return 3
+        print(f"error: {told[0]}", file=sys.stderr)
+        return told[1]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -22,13 +22,21 @@ from einops import einsum, reduce
 from torch import nn
 
 
-def _can_use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch's grouped_mm takes float32/bf16/fp16 on CPU and on CUDA (SM80+), not float64."""
-    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+def grouped_mm_supported(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> bool:
+    """Whether torch's grouped_mm takes `dtype` on a device of this type: float32, bf16 and fp16 on
+    the CPU; bf16 only on CUDA (SM80+, as torch's CUDA kernel checks); nothing in float64."""
+    if not hasattr(F, "grouped_mm"):
         return False
-    if x.device.type == "cuda":
-        return torch.cuda.get_device_capability(x.device) >= (8, 0)
-    return x.device.type == "cpu"
+    if device_type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if device_type == "cuda":
+        return dtype == torch.bfloat16 and capability is not None and capability >= (8, 0)
+    return False
+
+
+def _can_use_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
+    cuda = x.device.type == "cuda"
+    return grouped_mm_supported(x.device.type, x.dtype, torch.cuda.get_device_capability(x.device) if cuda else None)
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -144,12 +145,13 @@ def fp8_matmul(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_sc
     return tile_matmul(x_q, x_scale, w_q, rows_of_blocks(w_scale_inv, w_q.shape[0], block), block, accumulate)
 
 
-def replace_fp8_layers(model: nn.Module, build: Callable[[nn.Linear], nn.Module]) -> int:
+def replace_fp8_layers(model: nn.Module, build: Callable[[nn.Linear], nn.Module], prefix: str = "") -> int:
     """Replace every bias-free nn.Linear of `model` whose weight the release stores in FP8
-    (FP8_WEIGHT) by build(layer); returns how many were replaced."""
+    (FP8_WEIGHT) by build(layer); returns how many were replaced. prefix: the checkpoint name of
+    `model` itself ("model.layers.3." for one decoder layer), as FP8_WEIGHT reads whole names."""
     count = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and module.bias is None and FP8_WEIGHT.search(f"{name}.weight"):
+        if isinstance(module, nn.Linear) and module.bias is None and FP8_WEIGHT.search(f".{prefix}{name}.weight"):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, build(module))
             count += 1
@@ -173,6 +175,12 @@ def scaled_mm_recipe(device: str | torch.device) -> str | None:
         if torch.cuda.get_device_capability(device) == (9, 0) and cuda >= (12, 9):
             return "blockwise"
     return None
+
+
+def auto_kernel(device: str | torch.device) -> str:
+    """fp8_kernel "auto": "scaled_mm" where torch's blockwise scaled_mm runs (one cuBLAS call: SM90 with
+    CUDA >= 12.9), the exact emulation elsewhere (the CPU's per-K-block scaled_mm is no faster)."""
+    return "scaled_mm" if scaled_mm_recipe(device) == "blockwise" else "emulate"
 
 
 def _pad_fp8(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -265,7 +273,7 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=E4M3))
         self.register_buffer("weight_scale_inv", torch.ones(math.ceil(out_features / BLOCK),
                                                            math.ceil(in_features / BLOCK)))
-        self._derived: dict = {}  # name -> (weight key, tensor(s) computed from the weight)
+        self._derived: dict = {}  # name -> (weight, scales (weak references), their versions, what was built)
 
     def _apply(self, fn, recurse=True):
         """Moves (`.to(device)`, `to_empty`) apply; dtype casts (`model.to(torch.bfloat16)`) do not: the
@@ -279,12 +287,15 @@ class FP8Linear(nn.Module):
         return self
 
     def _from_weight(self, name: str, build):
-        """build(), computed once and reused until the weight or its scales change."""
-        key = (self.weight.device, self.weight._version, self.weight_scale_inv._version,
-               self.weight.data_ptr(), self.weight_scale_inv.data_ptr())
-        if name not in self._derived or self._derived[name][0] != key:
-            self._derived[name] = (key, build())
-        return self._derived[name][1]
+        """build(), computed once and reused until the weight or its scales change (are written to, or
+        replaced by other tensors: a move, a parallel plan's narrowing)."""
+        weight, scale = self.weight, self.weight_scale_inv
+        entry = self._derived.get(name)
+        if (entry is None or entry[0]() is not weight or entry[1]() is not scale
+                or entry[2] != (weight._version, scale._version)):
+            entry = (weakref.ref(weight), weakref.ref(scale), (weight._version, scale._version), build())
+            self._derived[name] = entry
+        return entry[3]
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight in `dtype`, dequantized once and reused until the weight or scales change

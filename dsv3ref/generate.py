@@ -1,7 +1,9 @@
 """Text generation over the static KV cache: batched, greedy or sampled, stopping on EOS per row,
 optionally with self-speculative decoding by the model's own MTP modules.
 
-Prompts of different lengths are right-padded into one batch and prefilled together; from then on
+Prompts of different lengths are right-padded into one batch and prefilled together, in chunks of
+at most `prefill_chunk` tokens (rows x positions: the attention scores and the experts' buffers of one
+pass stay bounded however long the prompts; the logits do not depend on the chunking); from then on
 each row decodes at its own position (`start_pos` is a per-row tensor), so a row's keys sit at the
 same cache indices, and it sees exactly the same keys, as when it is generated alone. Padding
 written past a row's end is never attended (the causal mask hides every index beyond the query's
@@ -21,6 +23,7 @@ import torch
 
 from dsv3ref.cache import KVCache
 from dsv3ref.model import DeepseekV3
+from dsv3ref.prefill import DEFAULT_PREFILL_CHUNK, chunk_width, prefill
 from dsv3ref.sampling import Sampler
 from dsv3ref.speculative import speculative_decode
 
@@ -116,10 +119,11 @@ def compiled_steps(model: DeepseekV3) -> dict[str, Callable]:
 
 
 def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, eos: set[int],
-           stream, compile: bool = False) -> tuple[list[list[int]], list[bool], dict, KVCache]:
+           stream, compile: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pad_to: int = 0
+           ) -> tuple[list[list[int]], list[bool], dict, KVCache]:
     """Batched decoding, one token per row per forward pass."""
     device, batch = model.device, len(prompts)
-    longest = max(map(len, prompts))
+    longest = max(max(map(len, prompts)), pad_to)
     lengths = torch.tensor([len(p) for p in prompts], device=device)  # (b,)
     padded = torch.zeros(batch, longest, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
@@ -131,8 +135,15 @@ def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sam
 
     start = time.perf_counter()
     steps = compiled_steps(model) if compile else {"prefill": model.hidden_states, "decode": model}
-    hidden = steps["prefill"](padded, cache, 0)  # (b, longest, dim)
-    logits = model.lm_head(hidden[torch.arange(batch, device=device), lengths - 1])  # (b, vocab)
+    last = torch.empty(batch, model.config.hidden_size, dtype=model.dtype, device=device)  # each row's last token
+
+    def keep(p0: int, hidden: torch.Tensor) -> None:
+        at = lengths - 1 - p0  # (b,) where each row's last prompt token is in this pass
+        rows = torch.where((at >= 0) & (at < hidden.shape[1]))[0]
+        last[rows] = hidden[rows, at[rows]]
+
+    prefill(steps["prefill"], padded, cache, prefill_chunk, keep=keep)
+    logits = model.lm_head(last)  # (b, vocab)
     prefill_s = time.perf_counter() - start
     positions = lengths.clone()  # where each row's next token goes
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -175,6 +186,8 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     speculative: bool = False,
     compile: bool = False,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    pad_to: int = 0,
 ) -> Generation:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
@@ -188,6 +201,9 @@ def generate(
     plain decoding (greedy) or follow its distribution (sampling), and `stats` reports the acceptance.
     compile: run the forward passes through torch.compile (`compiled_steps`: captured once per model,
     no recompilation from one decode step to the next); the tokens are those of eager decoding.
+    prefill_chunk: tokens (rows x positions) one prefill pass takes at most; the logits do not depend
+    on it. pad_to: right-pad the prompts to at least this many positions (the ranks of a data-parallel
+    launch pad to one length, so that they prefill in the same number of passes).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens: expected a positive integer, found {max_new_tokens!r}")
@@ -210,12 +226,15 @@ def generate(
     if speculative and not depth:
         raise ValueError("speculative: the model has no MTP modules (num_nextn_predict_layers=0 or none in the "
                          "checkpoint)")
-    longest = max(map(len, prompts))
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < 0:
+        raise ValueError(f"pad_to: expected an integer >= 0, found {pad_to!r}")
+    longest = max(max(map(len, prompts)), pad_to)
     limit = model.config.max_position_embeddings
     if longest + max_new_tokens + depth > limit:
         extra = f" + {depth} draft position(s)" if depth else ""
         raise ValueError(f"max_new_tokens: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens}{extra} "
                          f"exceeds max_position_embeddings={limit}")
+    chunk_width(1, prefill_chunk)  # checks it
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
         raise ValueError(f"seed: expected an integer in [0, 2**64), found {seed!r}")
     generator = None
@@ -224,7 +243,8 @@ def generate(
     sampler = Sampler(temperature, top_k, top_p, generator)
 
     if not speculative:
-        tokens, finished, stats, _ = _plain(model, prompts, max_new_tokens, sampler, eos, stream, compile)
+        tokens, finished, stats, _ = _plain(model, prompts, max_new_tokens, sampler, eos, stream, compile,
+                                            prefill_chunk, pad_to)
     else:
         tokens, finished, totals = [], [], {}
         for row, prompt in enumerate(prompts):
@@ -234,7 +254,8 @@ def generate(
                 return tok in eos
 
             main_pass = compiled_steps(model)["verify"] if compile else model.hidden_states
-            out, done, stats, _ = speculative_decode(model, prompt, max_new_tokens, sampler, eos, emit, main_pass)
+            out, done, stats, _ = speculative_decode(model, prompt, max_new_tokens, sampler, eos, emit, main_pass,
+                                                     prefill_chunk)
             tokens.append(out)
             finished.append(done)
             for key, value in stats.items():

@@ -19,6 +19,12 @@ The same names are used everywhere: `DeepseekV3(cfg, attn_impl=...)`, `DeepseekV
 attn_impl=...)`, `model.impl`, `model.new_cache` and `KVCache(attn_impl=...)`, `kv_cache_bytes` (keyed
 by attn_impl), the CLI flags (`--attn-impl`, ...) and the docs. They are checked here and only here.
 
+Loading also takes "auto" for `gemm_impl` ("fp8" when the checkpoint stores FP8 weights, else "bf16"),
+`fp8_kernel` (torch's blockwise "scaled_mm" where the device runs it, else "emulate"), `moe_impl`
+("grouped", or "loop" for FP8 weights) and the dtype (bfloat16 on CUDA, float32 elsewhere): a request
+resolved where the checkpoint and the device are known (`dsv3ref.checkpoint.resolve_implementation`).
+`model.impl` always holds the resolved choice.
+
 The last two say how a model is spread over processes (`dsv3ref.parallel.Parallel`): `layout` "tp"
 splits attention heads, dense FFNs, vocabulary and experts over the ranks (DeepSeek's inference
 layout), "dp" gives each rank its own batch rows with replicated attention (data-parallel attention)
@@ -42,6 +48,22 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "moe_comm": ("allreduce", "alltoall"),
 }
 """Every field and the values it takes."""
+
+
+AUTO = "auto"
+"""What loading and the CLI take for gemm_impl, fp8_kernel, moe_impl and dtype: decided from the
+checkpoint and the device (see the module docstring), never held by a model."""
+AUTO_FIELDS = ("moe_impl", "gemm_impl", "fp8_kernel")
+
+
+def check_request(field: str, value: Any) -> str:
+    """check_choice, also accepting "auto" where loading resolves it (AUTO_FIELDS)."""
+    if field in AUTO_FIELDS and value == AUTO:
+        return value
+    if value not in CHOICES[field]:
+        extra = (AUTO,) if field in AUTO_FIELDS else ()
+        raise ValueError(f"{field}: found {value!r}, expected one of {CHOICES[field] + extra}")
+    return value
 
 
 PARALLEL_FIELDS = ("layout", "moe_comm")

@@ -324,27 +324,30 @@ class DeepseekV3(nn.Module):
     def from_pretrained(
         cls,
         path: str | Path,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         device: str | torch.device = "cpu",
         attn_impl: str = "naive",
         moe_impl: str = "loop",
         gemm_impl: str = "bf16",
-        fp8_kernel: str = "emulate",
+        fp8_kernel: str = "auto",
         check_finite: bool = True,
         attn_order: str = "auto",
+        mtp: bool | None = None,
     ) -> DeepseekV3:
         """Load a checkpoint folder (config.json + model.safetensors or shards with an index).
 
-        For FP8 checkpoints, gemm_impl "bf16" dequantizes the weights on load (to `dtype`) and "fp8"
-        keeps them in FP8 and runs the block-scaled FP8 GEMM (see dsv3ref.fp8), emulated exactly
-        (fp8_kernel "emulate") or through torch's scaled_mm ("scaled_mm": a CPU, or an SM90 GPU).
-        The other keywords are the model's (see the class docstring); `model.load_report` says what
-        loading found.
+        The defaults are the oracle's: float32, the readable paths, an FP8 checkpoint dequantized on
+        load (gemm_impl "bf16"). gemm_impl "fp8" keeps FP8 weights in FP8 and runs the block-scaled
+        FP8 GEMM (see dsv3ref.fp8), emulated exactly (fp8_kernel "emulate") or through torch's
+        scaled_mm ("scaled_mm": a CPU, or an SM90 GPU); "auto" (gemm_impl, fp8_kernel, moe_impl, and
+        dtype) lets loading decide from the checkpoint and the device (dsv3ref.impl). mtp: load the MTP
+        modules (None: as config.json says; False: leave them unread). The other keywords are the
+        model's (see the class docstring); `model.load_report` says what loading found.
 
         Names, shapes and dtypes are checked from the file headers before any weight memory is
         allocated; every weight is checked to be finite as it is read (a streaming reduction: 15% of
         the load time of a checkpoint in the page cache, less from disk; check_finite=False skips it).
         """
-        impl = Implementation(attn_impl=attn_impl, attn_order=attn_order, moe_impl=moe_impl, gemm_impl=gemm_impl,
-                              fp8_kernel=fp8_kernel)
-        return load_pretrained(cls, path, impl=impl, dtype=dtype, device=device, check_finite_values=check_finite)
+        return load_pretrained(cls, path, dtype=dtype, device=device, attn_impl=attn_impl, attn_order=attn_order,
+                               moe_impl=moe_impl, gemm_impl=gemm_impl, fp8_kernel=fp8_kernel, mtp=mtp,
+                               check_finite_values=check_finite)

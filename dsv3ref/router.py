@@ -17,6 +17,7 @@ Ties are broken towards the lower index (a stable sort), so the choice is determ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +110,7 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
         self.records: list[RoutingRecord] | None = None  # a list while dsv3ref.routing.capture is on
         self.record_grad = False  # capture(..., grad=True): keep the scores' graph (balance losses)
+        self.choose: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by dsv3ref.routing.override
 
     def _apply(self, fn, recurse=True):
         """Dtype casts below float32 (`model.to(torch.bfloat16)`) leave the bias in float32; moves apply."""
@@ -131,6 +133,8 @@ class Router(nn.Module):
         bias = None if self.e_score_correction_bias is None else self.e_score_correction_bias.to(s.dtype)
         ids, groups = select_experts(s, bias, top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
                                      topk_method=self.topk_method, return_groups=True)
+        if self.choose is not None:  # dsv3ref.routing.override: another choice, the same gate-value rule
+            ids = self.choose(s)
         weights = s.gather(1, ids)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -6,6 +6,11 @@ Capture (off by default; when off, a router does one `is None` check):
         model(input_ids)
     records[3][0].counts    # layer 3, first forward pass: tokens per expert
 
+Override: `with dsv3ref.routing.override(model, choose):` makes every router take its experts from
+choose(layer index, scores) instead of its own group-limited top-k (the gate values still follow
+eq. 13 from the scores of the experts chosen): a what-if for load and communication studies, and how
+dsv3ref.parallel.simulation routes tokens that have no values.
+
 Auxiliary-loss-free balancing (DeepSeek-V3 report, section 2.1.2). Each routed expert i has a bias
 b_i that is added to its affinity for the *choice* of experts only (eq. 16). After every training
 step, with load_i the number of tokens expert i received in the step,
@@ -29,14 +34,14 @@ the router through P (f is a count).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from einops import reduce
 from torch import nn
 
-from dsv3ref.moe import MoE
 from dsv3ref.router import Router, RoutingRecord
 
 DEFAULT_GAMMA = 0.001
@@ -44,8 +49,9 @@ DEFAULT_ALPHA = 0.0001
 
 
 def routers(model: nn.Module) -> dict[int, Router]:
-    """The router of every MoE layer, by layer index."""
-    return {layer.layer_idx: layer.mlp.gate for layer in model.model.layers if isinstance(layer.mlp, MoE)}
+    """The router of every MoE layer (also of a layer split over processes), by layer index."""
+    return {layer.layer_idx: layer.mlp.gate for layer in model.model.layers
+            if isinstance(getattr(layer.mlp, "gate", None), Router)}
 
 
 @contextmanager
@@ -61,6 +67,20 @@ def capture(model: nn.Module, grad: bool = False) -> Iterator[dict[int, list[Rou
     finally:
         for router in found.values():
             router.records, router.record_grad = None, False
+
+
+@contextmanager
+def override(model: nn.Module, choose: Callable[[int, torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Inside the `with` block, the router of MoE layer i chooses choose(i, scores) for tokens with
+    affinities scores (tokens, experts): expert ids (tokens, top_k), each row distinct experts."""
+    found = routers(model)
+    for i, router in found.items():
+        router.choose = partial(choose, i)
+    try:
+        yield
+    finally:
+        for router in found.values():
+            router.choose = None
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ import time
 import torch
 
 from dsv3ref.cache import KVCache
+from dsv3ref.prefill import DEFAULT_PREFILL_CHUNK, chunk_width, prefill
 from dsv3ref.sampling import Sampler
 
 
@@ -43,10 +44,12 @@ def verify(drafts: list[int], draft_probs: list[torch.Tensor], target: torch.Ten
 
 
 def speculative_decode(model, prompt: list[int], max_new_tokens: int, sampler: Sampler, eos: set[int],
-                       emit, main_pass=None) -> tuple[list[int], bool, dict, KVCache]:
+                       emit, main_pass=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+                       ) -> tuple[list[int], bool, dict, KVCache]:
     """Self-speculative decoding of one sequence (see the module docstring).
 
     main_pass: the main model's pass over [token, drafts], `model.hidden_states` (or a compiled copy).
+    prefill_chunk: positions the prompt's prefill, and the MTP modules' first window over it, take per pass.
 
     State between steps: tokens t_0..t_p are decided, the main model has processed positions < p
     (t_p is its next input), `main_hidden` holds its final-norm hidden states h^0 for those positions,
@@ -60,9 +63,12 @@ def speculative_decode(model, prompt: list[int], max_new_tokens: int, sampler: S
                               device=device)
 
     start = time.perf_counter()
-    h = model.hidden_states(torch.tensor([prompt], device=device), cache, 0)  # (1, P, d)
-    main_hidden[:, :n_prompt] = h
-    seq = list(prompt) + [int(sampler(model.lm_head(h[:, -1]))[0])]
+
+    def keep(p0: int, hidden: torch.Tensor) -> None:
+        main_hidden[:, p0:p0 + hidden.shape[1]] = hidden
+
+    prefill(model.hidden_states, torch.tensor([prompt], device=device), cache, prefill_chunk, keep=keep)
+    seq = list(prompt) + [int(sampler(model.lm_head(main_hidden[:, n_prompt - 1]))[0])]
     prefill_s = time.perf_counter() - start
     out = [seq[-1]]
     done = emit(seq[-1])
@@ -75,7 +81,9 @@ def speculative_decode(model, prompt: list[int], max_new_tokens: int, sampler: S
         for k in range(1, depth + 1):
             known = seq + drafts  # t_0 .. t_p, then the drafts t_{p+1} ..
             next_ids = torch.tensor([known[mtp_from + k:p + k]], device=device)  # t_{i+k} for i in the window
-            h = model.mtp_hidden_states(k, h, next_ids, cache, start_pos=mtp_from)
+            width = chunk_width(1, prefill_chunk)  # the first window spans the prompt: in passes
+            h = torch.cat([model.mtp_hidden_states(k, h[:, i:i + width], next_ids[:, i:i + width], cache,
+                                                   start_pos=mtp_from + i) for i in range(0, h.shape[1], width)], 1)
             q = sampler.probs(model.mtp_logits(k, h[:, -1]))  # (1, vocab)
             drafts.append(int(sampler.draw(q)[0]))
             draft_probs.append(q[0])

@@ -23,8 +23,9 @@
 # whole (expert parallelism), tokens brought to their experts by an all-reduce or an all-to-all.
 # We draw which tensor is split how, run the split model in 2 and 4 CPU processes launched with
 # torchrun and check its logits against one process, count the bytes each scheme moves per decode
-# step, ask the memory planner which machines hold the full model, and end with the exact commands
-# that run the published checkpoint on 8x H200 and on two 8-GPU nodes.
+# step, ask the memory planner which machines hold the full model, check the plan by running the
+# launch's code on fake tensors, and end with the exact commands that run the published checkpoint on
+# 8x H200 and on two 8-GPU nodes.
 #
 # Report sections: DeepSeek-V3 §3.1-3.2 (compute clusters, DualPipe and all-to-all communication),
 # §3.4 (inference and deployment: prefilling and decoding units, redundant experts).
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 import dsv3ref
 from dsv3ref import DeepseekV3, ModelConfig
@@ -141,98 +143,177 @@ for n, layout, comm in [(2, "tp", "allreduce"), (2, "tp", "alltoall"), (4, "tp",
 #
 # **allreduce** (DeepSeek's inference code): every GPU holds every token, runs its own experts on
 # the tokens that chose them, and an all-reduce of the (tokens, 7168) hidden state adds the GPUs'
-# shares; tensor-parallel attention needs one more all-reduce per layer (o_proj) and the shared expert
-# another. A ring all-reduce of B bytes sends 2 (W-1)/W * B bytes from each GPU.
+# shares (routed and shared experts in one sum); tensor-parallel attention needs one more all-reduce
+# per layer (o_proj), and so does each dense FFN. A ring all-reduce of B bytes sends 2 (W-1)/W * B
+# bytes from each GPU.
 #
 # **alltoall** (DeepEP, SGLang, the report's §3.2): each GPU holds *its own* tokens (data-parallel
 # attention: its own batch rows, its own latent cache, replicated attention weights). A token's
-# hidden state travels only to the GPUs holding one of its 8 chosen experts (dispatch), and the
-# results come back (combine): 2 x 8 x (W-1)/W x 7168 x 2 bytes per token at most, and attention
-# moves nothing. Per GPU and per token of the whole batch:
+# hidden state travels once to each GPU holding one of its 8 chosen experts (dispatch), with its
+# slots' expert ids and gate values, and each of those GPUs sends back the sum of its slots
+# (combine). The group limit bounds the GPUs a token reaches: its 8 experts come from 4 of the 8
+# groups, so on one node (a group per GPU) at most 4 of the 8 GPUs; attention moves nothing.
+#
+# `dsv3ref.parallel.planner.exchange_bytes` counts the bytes one GPU hands to each collective in a
+# forward pass; the tests hold it equal, byte for byte, to what the code hands to torch's collectives
+# (tests/test_parallel.py at 2 and 4 ranks, tests/test_simulate.py at full size). From it, what each
+# GPU sends to the others in one decode step of 256 sequences (BF16 activations, balanced routing),
+# per sequence:
 
 # %%
-def bytes_per_token(world, scheme, cfg=full):
-    """Bytes each GPU sends per token of the global batch in one decode step (BF16 activations)."""
-    d, layers = cfg.hidden_size, cfg.num_hidden_layers
-    moe = sum(cfg.is_moe_layer(i) for i in range(layers))
-    ring = 2 * (world - 1) / world * d * 2                  # one ring all-reduce of a token's hidden state
-    if scheme == "tp + allreduce":                           # o_proj, dense/shared FFN, routed experts
-        return layers * 2 * ring + moe * ring
-    per_own_token = 2 * cfg.num_experts_per_tok * (world - 1) / world * d * 2  # dispatch + combine
-    return moe * per_own_token / world                       # each GPU sends only its own 1/world of the tokens
+from dsv3ref.parallel.planner import destinations, exchange_bytes
+
+
+def sent_per_token(world, layout, comm, batch=256):
+    """Bytes each GPU sends to other GPUs in one decode step of `batch` sequences, per sequence."""
+    tokens = batch if layout == "tp" else batch // world      # dp: each GPU decodes its own sequences
+    handed = exchange_bytes(full, world, layout, comm, tokens, tokens)
+    others = (world - 1) / world
+    sent = (handed.get("all_reduce", 0) * 2 * others               # ring all-reduce
+            + handed.get("all_gather_into_tensor", 0) * (world - 1)  # its part to each other GPU
+            + handed.get("reduce_scatter_tensor", 0) * others        # all parts but its own
+            + handed.get("all_to_all_single", 0) * others)           # balanced: 1/world stays here
+    return sent / batch
 
 
 worlds = [8, 16, 32, 64]
-schemes = ["tp + allreduce", "dp + alltoall"]
-for s in schemes:
-    print(f"{s:15}", "  ".join(f"W={w}: {bytes_per_token(w, s) / 1e6:5.2f} MB" for w in worlds))
+schemes = [("tp", "allreduce"), ("tp", "alltoall"), ("dp", "allreduce"), ("dp", "alltoall")]
+print("GPUs a token's hidden state reaches at most:", {w: destinations(full, w) for w in worlds})
+for layout, comm in schemes:
+    print(f"{layout} + {comm:9}", "  ".join(f"W={w}: {sent_per_token(w, layout, comm) / 1e6:6.2f} MB" for w in worlds))
 fig, ax = plt.subplots(figsize=(6, 3))
-for s in schemes:
-    ax.plot(worlds, [bytes_per_token(w, s) / 1e6 for w in worlds], marker="o", label=s)
+for layout, comm in schemes:
+    ax.plot(worlds, [sent_per_token(w, layout, comm) / 1e6 for w in worlds], marker="o", label=f"{layout} + {comm}")
 ax.set_xlabel("GPUs")
-ax.set_ylabel("MB sent per GPU per token")
+ax.set_ylabel("MB sent per GPU per sequence")
 ax.set_xscale("log", base=2)
-ax.set_title("Communication of one decode step, per token of the batch")
-ax.legend()
-plt.tight_layout()
-plt.show()
-
-# %% [markdown]
-# The all-reduce sends the whole hidden state around the ring three times per layer, whatever the
-# routing; the all-to-all sends each token to at most 8 expert holders, and with data-parallel
-# attention each GPU only sends its own tokens. That, and the cache below, is why serving systems
-# pair expert parallelism with DP attention. (The report's deployment also limits each token to 4
-# nodes and overlaps communication with computation; neither changes what is computed.)
-
-# %% [markdown]
-# ## 4. How many GPUs, how much memory?
-#
-# `dsv3ref.plan` counts the weight bytes each GPU holds exactly from the configuration's shapes and
-# the release's dtypes (FP8 projections with float32 128x128 block scales, BF16 embedding, head,
-# norms and router, float32 router bias); the tests hold it equal to the split model built on the
-# meta device. The latent cache is 70,272 bytes per token (61 layers x 576 BF16 numbers): with
-# tensor-parallel attention every GPU holds the latent of every sequence (it is shared by all heads, so
-# it cannot be split by heads); with DP attention each GPU holds only its own sequences'.
-
-# %%
-print(f"latent cache: {cache_bytes_per_token(full):,} bytes per token")
-table = machine_table(full, batch_size=32, seq_len=4096)
-print(f"{'machine':15} {'gemm':4} {'layout':6} {'weights GB':>10} {'cache tokens, all GPUs':>22}  fits")
-for r in table:
-    print(f"{r['machine']:15} {r['gemm_impl']:4} {r['layout']:6} {r['weights_gb']:10.1f} "
-          f"{r['tokens_fit_total']:22,}  {'yes' if r['fits'] else 'NO'}")
-
-fig, ax = plt.subplots(figsize=(6, 3))
-for layout in ("tp", "dp"):
-    ax.plot(worlds, [weight_bytes(full, w, 0, layout, "fp8") / 1e9 for w in worlds], marker="o",
-            label=f"FP8 weights per GPU, layout {layout}")
-for gpu in ("H100-80GB", "H200-141GB"):
-    ax.axhline(GPU_MEMORY[gpu] / 1e9, ls="--", color="gray")
-    ax.text(60, GPU_MEMORY[gpu] / 1e9 + 2, gpu, ha="right", fontsize=8)
-ax.set_xscale("log", base=2)
-ax.set_xlabel("GPUs")
-ax.set_ylabel("GB per GPU")
+ax.set_yscale("log")
+ax.yaxis.set_major_formatter(ScalarFormatter())
+ax.yaxis.set_minor_formatter(NullFormatter())
+ax.set_title("Communication of one decode step (BF16)")
 ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# DP attention costs weight memory (attention, dense layers and embeddings on every GPU: 100.8 GB
-# instead of 85.1 GB at 8 GPUs) and gains cache capacity (each GPU caches only its own sequences, so
-# the system holds about world-size times more tokens). One 8x H100 node cannot hold the FP8 model
-# (85.1 GB per GPU); two can, and 8x H200 can with room for about 840,000 cached tokens.
+# What the numbers show: with tensor-parallel attention every GPU sends the whole hidden state of
+# every sequence around the ring about twice per layer, whatever the routing, and the all-to-all
+# does not help there: attention's all-reduces remain, and the slices each GPU dispatched must be
+# gathered again (3.3 MB against 4.0 MB per sequence at 8 GPUs). Data-parallel attention with the all-to-all exchange
+# sends each token only to the few GPUs holding its experts and only from its own GPU: 0.7 MB per
+# sequence at 8 GPUs, and once the group limit stops widening (8 destinations from 16 GPUs on) it
+# falls as GPUs are added, where the others stay flat. Data-parallel attention with the all-reduce
+# exchange sits between: attention moves nothing, but every GPU gathers every token. That, and the cache below, is why serving
+# systems pair expert parallelism with DP attention. Not built here: the report's FP8 dispatch
+# (§3.3.4: activations quantized to FP8 before the all-to-all, about half these bytes) and the
+# overlap of communication with computation; the exchange here is BF16, as the model computes.
+
+# %% [markdown]
+# ## 4. How many GPUs, how much memory?
+#
+# `dsv3ref.plan` counts each GPU's memory from the configuration: the weights exactly, from the
+# shapes and the release's dtypes (FP8 projections with float32 128x128 block scales, BF16 embedding,
+# head, norms and router, float32 router bias); the latent cache, 70,272 bytes per token (61 layers x
+# 576 BF16 numbers; with tensor-parallel attention every GPU holds every sequence's latent, which all
+# heads share; with DP attention only its own sequences'); the activations of the largest prefill
+# pass (prompts are prefilled 2048 tokens a pass: scores, expert buffers) and of a decode step; and
+# 3 GiB kept free for the CUDA context and NCCL. Sizes in GiB (2^30 bytes), as GPUs report memory.
+
+# %%
+GIB = 2**30
+print(f"latent cache: {cache_bytes_per_token(full):,} bytes per token")
+table = machine_table(full, batch_size=32, seq_len=4096)
+print(f"{'machine':15} {'gemm':4} {'layout':6} {'weights':>8} {'used':>6} {'GPU':>6} {'cache tokens, all GPUs':>22}  fits")
+for r in table:
+    print(f"{r['machine']:15} {r['gemm_impl']:4} {r['layout']:6} {r['weights_gib']:8.1f} {r['used_gib']:6.1f} "
+          f"{r['gpu_gib']:6.1f} {r['tokens_fit_total']:22,}  {'yes' if r['fits'] else 'NO'}")
+
+fig, ax = plt.subplots(figsize=(6, 3))
+for layout in ("tp", "dp"):
+    ax.plot(worlds, [weight_bytes(full, w, 0, layout, "fp8") / GIB for w in worlds], marker="o",
+            label=f"FP8 weights per GPU, layout {layout}")
+for gpu in ("H100-80GB", "H200-141GB"):
+    ax.axhline(GPU_MEMORY[gpu] / GIB, ls="--", color="gray")
+    ax.text(60, GPU_MEMORY[gpu] / GIB + 2, gpu, ha="right", fontsize=8)
+ax.set_xscale("log", base=2)
+ax.set_xlabel("GPUs")
+ax.set_ylabel("GiB per GPU")
+ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+rows8 = {r["layout"]: r for r in table if r["machine"] == "1x8 H200-141GB"}
+print(f"8x H200: weights {rows8['tp']['weights_gib']:.1f} GiB (tp) against {rows8['dp']['weights_gib']:.1f} GiB (dp); "
+      f"cache tokens, all GPUs: {rows8['tp']['tokens_fit_total']:,} (tp) against {rows8['dp']['tokens_fit_total']:,} (dp)")
+
+# %% [markdown]
+# DP attention costs weight memory (attention, dense layers and embeddings on every GPU) and gains
+# cache capacity (each GPU caches only its own sequences, so the system holds about four times more
+# tokens on one node). One 8x H100 node cannot hold the FP8 model (the weights alone are 79.3 GiB of
+# the 79.6 a GPU has); two can, and one 8x H200 node can, with room for the cache of about 860,000
+# tokens.
+#
+# ### Checked by running the launch on fake tensors
+#
+# A plan is a count; `dsv3ref.parallel.simulate` runs the code a launch runs instead: the loader on
+# the release's headers, `new_cache`, the last prefill pass and a decode step, for one rank of a
+# world of any size (torch's fake process group), under `FakeTensorMode` (tensors with shapes and
+# no data) on a simulated H200, counting every byte alive. Here on a small model of the same layout
+# (3 layers, FP8), rank 0 of 4; `python -m dsv3ref plan --world-size 8 --simulate` does it for the
+# full model in about a minute (tests/test_simulate.py holds it, with the collectives counted above).
+
+# %%
+from dsv3ref.parallel import Parallel
+from dsv3ref.parallel.planner import plan
+from dsv3ref.parallel.simulation import simulate
+
+small = ModelConfig.preset("small").replace(num_hidden_layers=3, quantization_config=full.quantization_config)
+sims, plans = {}, {}
+for layout, comm in (("tp", "allreduce"), ("dp", "alltoall")):
+    sims[layout] = simulate(small, 4, 0, Parallel(layout, comm), batch_size=8, seq_len=512)
+    plans[layout] = plan(small, 4, layout, "fp8", 100.0, 8, 512, moe_comm=comm)
+fig, ax = plt.subplots(figsize=(6, 3))
+parts = ("weights", "cache", "activations")
+for i, layout in enumerate(sims):
+    s, p = sims[layout], plans[layout]
+    planned = (p.weights, p.cache, p.activations + p.derived)
+    counted = (s.weights, s.cache, s.activations)
+    for j, (values, hatch) in enumerate(((planned, ""), (counted, "//"))):
+        bottom = 0
+        for part, v, color in zip(parts, values, ("tab:blue", "tab:orange", "tab:green"), strict=True):
+            ax.bar(2.5 * i + j, v / 2**20, bottom=bottom, color=color, hatch=hatch, edgecolor="white",
+                   label=part if (i, j) == (0, 0) else None)
+            bottom += v / 2**20
+    print(f"layout {layout}: plan {(p.used - p.reserve) / 2**20:.1f} MiB, simulated peak {s.peak / 2**20:.1f} MiB "
+          f"({(p.used - p.reserve) / s.peak:.3f}x); impl {s.impl.gemm_impl} through {s.impl.fp8_kernel}")
+ax.set_xticks([0, 1, 2.5, 3.5], ["tp: plan", "tp: run", "dp: plan", "dp: run"])
+ax.set_ylabel("MiB on rank 0 of 4")
+ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Weights and cache are counted exactly; the plan's activations are a bound from above (everything
+# that could be alive together counted at once), a few percent above the peak the code reaches. For
+# the full model at 8 GPUs and 32 prompts of 4096 tokens, the same run gives 89.7 GiB at the peak of a
+# prefill pass, and the plan is 1.001x that.
 
 # %% [markdown]
 # ## 5. The commands
 #
-# On one node with 8 H200 (NCCL; every rank reads its 1/8 of the 163 shards, with a progress bar on
-# rank 0):
+# On one node with 8 H200: the checkpoint's folder is all a launch needs.
 #
 # ```
-# torchrun --nproc-per-node 8 -m dsv3ref generate --ckpt-path /data/DeepSeek-V3 \
-#     --gemm-impl fp8 --fp8-kernel scaled_mm --prompt "Hello!"
-# torchrun --nproc-per-node 8 -m dsv3ref chat --ckpt-path /data/DeepSeek-V3 --gemm-impl fp8 --fp8-kernel scaled_mm
+# torchrun --nproc-per-node 8 -m dsv3ref generate --ckpt-path /data/DeepSeek-V3 --prompt "Hello!"
+# torchrun --nproc-per-node 8 -m dsv3ref chat --ckpt-path /data/DeepSeek-V3
 # ```
+#
+# Its defaults are the plan above: the FP8 weights stay FP8 and are multiplied by torch's blockwise
+# `scaled_mm` (on an SM90 GPU; the exact emulation elsewhere), activations and cache in BF16, prompts
+# prefilled 2048 tokens a pass, the MTP module left unread (`--speculative` loads it). Before anything
+# is read, every rank compares the plan with its GPU's free memory and stops with the flags that
+# would fit; each rank reads its 1/8 of the 163 shards (progress on rank 0), and the ranks wait for
+# each other after loading for at most `--load-timeout` (an hour), so a slow disk is told from a lost
+# rank. The first line printed says how the model computes.
 #
 # On two nodes of 8 H100 or H800 (run on each node, with its `--node-rank`; the rendezvous is the
 # first node's address):
@@ -240,11 +321,13 @@ plt.show()
 # ```
 # torchrun --nnodes 2 --node-rank $NODE_RANK --nproc-per-node 8 \
 #     --rdzv-backend c10d --rdzv-endpoint $FIRST_NODE:29500 \
-#     -m dsv3ref generate --ckpt-path /data/DeepSeek-V3 --gemm-impl fp8 --fp8-kernel scaled_mm \
-#     --layout dp --moe-comm alltoall --prompt "Hello!"
+#     -m dsv3ref generate --ckpt-path /data/DeepSeek-V3 --layout dp --moe-comm alltoall --prompt "Hello!"
 # ```
 #
-# `python -m dsv3ref plan` prints the table above; `--world-size 16 --gpu-memory-gib 79.6` one plan.
+# `python -m dsv3ref plan` prints the table above; `--world-size 16 --gpu-memory-gib 79.6` one plan,
+# and `--simulate` beside it what the code allocates. What this lesson ran: the split model in 2 and 4
+# CPU processes, the counts, and the small simulation; what it only describes: the GPU runs
+# (`benchmarks/gpu_checks.sh` measures them on a GPU machine).
 
 # %% [markdown]
 # ## Checks
@@ -253,10 +336,14 @@ plt.show()
 assert (size, elements) == (688_574_839_360, 684_531_386_000)
 assert all(r["logits_rel_err"] < 1e-10 and r["tokens_equal"] for r in runs.values())
 assert runs[4, "tp", "allreduce"]["bytes_read_per_rank"][0] < runs[2, "tp", "allreduce"]["bytes_read_per_rank"][0]
-assert bytes_per_token(16, "dp + alltoall") < bytes_per_token(16, "tp + allreduce")
+assert sent_per_token(16, "dp", "alltoall") < sent_per_token(16, "tp", "allreduce")
+assert destinations(full, 8) == 4 and destinations(full, 16) == 8
 fits = {(r["machine"], r["layout"]): r["fits"] for r in table}
 assert fits["1x8 H200-141GB", "tp"] and fits["2x8 H100-80GB", "tp"] and not fits["1x8 H100-80GB", "tp"]
 assert round(weight_bytes(full, 8) / 1e9, 1) == 85.1 and round(weight_bytes(full, 16) / 1e9, 1) == 43.1
+for layout in sims:  # the simulated launch: weights and cache as counted, activations bounded from above
+    s, p = sims[layout], plans[layout]
+    assert s.weights == p.weights and s.cache == p.cache and 1 <= (p.used - p.reserve) / s.peak < 1.12
 print("all checks passed")
 
 # %% [markdown]

@@ -7,12 +7,14 @@ A linear layer y = x W^T with W of shape (out, in) splits two ways (Megatron-LM'
   layer, so the model's own `nn.Linear` / `FP8Linear` is kept, with its rows cut (`narrow_rows`).
 - **row-parallel**: each rank keeps a block of W's columns (input features) and takes the matching
   block of x, which is exactly what a column-parallel layer before it produced. Each rank's product
-  is a partial sum of y; an all-reduce adds them up (`all_reduce_output`, a forward hook).
+  is a partial sum of y; an all-reduce adds them up (`sum_output`, a forward hook).
 
 So an FFN down(silu(gate(x)) * up(x)) splits as gate, up column-parallel and down row-parallel:
 one all-reduce per FFN, and attention the same way by heads (q/kv expansion column-parallel,
 o_proj row-parallel). The embedding and the LM head split the vocabulary (`VocabParallelEmbedding`,
-`all_gather_vocab`).
+`gather_vocab`). The collectives are dsv3ref.parallel.comm's, so gradients flow through them: the
+replicated input of split work is marked with `replicated_input_hook` (its gradient is summed over
+the ranks backward).
 
 Splits follow `split_range`: whole units (a head's rows, a 128-block of an FP8 weight, one column)
 as evenly as possible over the ranks. Everything here takes its process group as an argument;
@@ -30,6 +32,7 @@ from torch import nn
 
 from dsv3ref.checkpoint import Shard
 from dsv3ref.fp8 import BLOCK, FP8Linear
+from dsv3ref.parallel.comm import gather_parts, replicated_input, sum_partials
 
 
 class ParallelError(ValueError):
@@ -98,21 +101,38 @@ def _narrow(layer: nn.Module, dim: int, start: int, stop: int, name: str, world:
     return shards
 
 
-def all_reduce_output(group: dist.ProcessGroup):
-    """A forward hook that sums a row-parallel layer's partial outputs over the group."""
+def sum_output(group: dist.ProcessGroup):
+    """A forward hook for a row-parallel layer: its partial outputs summed over the group (g)."""
     def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(output, group=group)
-        return output
+        return sum_partials(output, group)
     return hook
 
 
-def all_gather_vocab(group: dist.ProcessGroup):
+def replicated_input_hook(group: dist.ProcessGroup):
+    """A forward pre-hook for a column-parallel layer (or a block of split work): its replicated
+    input marked so that backward sums the ranks' gradients (f)."""
+    def hook(module: nn.Module, args):
+        return (replicated_input(args[0], group), *args[1:])
+    return hook
+
+
+def replicated_output_hook(group: dist.ProcessGroup, start: int = 0):
+    """A forward hook on a replicated layer whose output (from column `start` on) feeds split work:
+    that part marked as `replicated_input_hook` marks an input. Only when gradients are taken."""
+    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return output
+        if start == 0:
+            return replicated_input(output, group)
+        return torch.cat([output[..., :start], replicated_input(output[..., start:], group)], dim=-1)
+    return hook
+
+
+def gather_vocab(group: dist.ProcessGroup):
     """A forward hook for a vocabulary-split LM head: each rank's logits (..., vocab / world) are
     gathered into the full (..., vocab), rank 0's block first."""
     def hook(module: nn.Module, args, logits: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, logits.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
+        return gather_parts(logits, -1, group)
     return hook
 
 
@@ -134,5 +154,4 @@ class VocabParallelEmbedding(nn.Embedding):
         local = ids - self.start
         outside = (local < 0) | (local >= self.num_embeddings)  # (b, t): rows another rank holds
         out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0)
-        dist.all_reduce(out, group=self.group)
-        return out
+        return sum_partials(out, self.group)
