@@ -87,6 +87,17 @@ def embedded_config() -> ModelConfig:
     return ModelConfig.preset("tiny").replace(vocab_size=ModelConfig.preset("deepseek-v3").vocab_size)
 
 
+def _checkpoint_folder(ckpt_path: str) -> tuple[Path, Tokenizer]:
+    """--ckpt-path as a folder, and its tokenizer; CliError naming what is missing."""
+    path = Path(ckpt_path)
+    if not path.is_dir():
+        raise CliError(f"--ckpt-path {path}: no such checkpoint folder")
+    try:
+        return path, Tokenizer.from_pretrained(path)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
+
+
 def load_for_text(ckpt_path: str | None, seed: int = 0, impl: Implementation | None = None,
                   parallel: Parallel | None = None, device: str | torch.device = "cpu", *,
                   group: dist.ProcessGroup | None = None, **load) -> tuple[DeepseekV3, Tokenizer, str]:
@@ -107,13 +118,7 @@ def load_for_text(ckpt_path: str | None, seed: int = 0, impl: Implementation | N
         if parallel is not None:
             parallelize(model, group, parallel)
         return model.to(device, resolve_dtype(load.get("dtype", torch.float32), device)), tokenizer, UNTRAINED
-    path = Path(ckpt_path)
-    if not path.is_dir():
-        raise CliError(f"--ckpt-path {path}: no such checkpoint folder")
-    try:
-        tokenizer = Tokenizer.from_pretrained(path)
-    except FileNotFoundError as e:
-        raise CliError(str(e)) from None
+    path, tokenizer = _checkpoint_folder(ckpt_path)
     keywords = dict(dataclasses.asdict(impl) if impl is not None else {}, **load)
     if parallel is not None:
         model = from_pretrained(path, group, parallel, device=device, **keywords)
@@ -210,13 +215,7 @@ def _text_model(args: argparse.Namespace, seq_len: Callable[[Tokenizer], int]
         if args.ckpt_path is None:
             cfg, fp8, tokenizer = embedded_config(), False, Tokenizer.from_pretrained()
         else:
-            path = Path(args.ckpt_path)
-            if not path.is_dir():
-                raise CliError(f"--ckpt-path {path}: no such checkpoint folder")
-            try:
-                tokenizer = Tokenizer.from_pretrained(path)
-            except FileNotFoundError as e:
-                raise CliError(str(e)) from None
+            path, tokenizer = _checkpoint_folder(args.ckpt_path)
             cfg, fp8 = ModelConfig.from_pretrained(path), stores_fp8(path)
         impl = resolve_implementation(fp8, device, **requests(args))
         available, where = available_memory(device)

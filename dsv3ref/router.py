@@ -134,6 +134,7 @@ class Router(nn.Module):
         ids, groups = select_experts(s, bias, top_k=self.top_k, n_group=self.n_group, topk_group=self.topk_group,
                                      topk_method=self.topk_method, return_groups=True)
         if self.choose is not None:  # dsv3ref.routing.override: another choice, the same gate-value rule
+            # (the router still makes its own, as a real run would: records keep its groups)
             ids = self.choose(s)
         weights = s.gather(1, ids)
         if self.norm_topk_prob:

@@ -17,7 +17,8 @@ Which backward is right depends on who owns the loss:
 - **data-parallel work** ("dp": each rank its own tokens and its own loss, the total being their
   sum): `gather_rows` (backward: every rank's gradient for my rows, added up: a reduce-scatter),
   `sum_scatter_rows` (forward: a reduce-scatter; backward: an all-gather) and `exchange` (an
-  all-to-all; backward: the reverse all-to-all) are the usual autograd of the collectives.
+  all-to-all; backward: the reverse all-to-all) are the usual autograd of the collectives: torch's
+  own (`*_autograd` in the functional collectives).
 
 `exchange_sizes` swaps the row counts of an all-to-all (integers, no gradient). Process groups are
 arguments; nothing is global.
@@ -43,11 +44,6 @@ def _all_gather(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Te
     """Every rank's x concatenated along dim, rank 0's first (all parts of one shape)."""
     out = _done(funcol.all_gather_single(x.movedim(dim, 0).contiguous(), 0, group))
     return out.movedim(0, dim)
-
-
-def _reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """x (world * m, ...) summed over the ranks; this rank keeps rows [rank * m, (rank + 1) * m)."""
-    return _done(funcol.reduce_scatter_single(x.contiguous(), "sum", 0, group))
 
 
 def _part(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -87,41 +83,6 @@ class _GatherParts(torch.autograd.Function):
         return _part(grad, ctx.dim, ctx.group), None, None
 
 
-class _GatherRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather(x, 0, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.group), None
-
-
-class _SumScatterRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, 0, ctx.group), None
-
-
-class _Exchange(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, out_sizes, in_sizes, group):
-        ctx.sizes, ctx.group = (out_sizes, in_sizes), group
-        return _done(funcol.all_to_all_single(x.contiguous(), out_sizes, in_sizes, group))
-
-    @staticmethod
-    def backward(ctx, grad):
-        out_sizes, in_sizes = ctx.sizes
-        back = _done(funcol.all_to_all_single(grad.contiguous(), in_sizes, out_sizes, ctx.group))
-        return back, None, None, None
-
-
 def replicated_input(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """f: x as it enters tensor-parallel work (forward: x; backward: the ranks' gradients summed)."""
     return _ReplicatedInput.apply(x, group)
@@ -141,19 +102,19 @@ def gather_parts(x: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.T
 def gather_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """Every rank's rows x (m, ...), rank 0's first: (world * m, ...). Backward: each rank's gradient
     for these rows, summed over the ranks that used them."""
-    return _GatherRows.apply(x, group)
+    return _done(funcol.all_gather_single_autograd(x.contiguous(), 0, group))
 
 
 def sum_scatter_rows(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """x (world * m, ...) summed over the ranks; this rank keeps its m rows (a reduce-scatter)."""
-    return _SumScatterRows.apply(x, group)
+    return _done(funcol.reduce_scatter_single_autograd(x.contiguous(), "sum", 0, group))
 
 
 def exchange(x: torch.Tensor, out_sizes: list[int], in_sizes: list[int], group: dist.ProcessGroup
              ) -> torch.Tensor:
     """All-to-all of rows: x's first in_sizes[0] rows go to rank 0, the next in_sizes[1] to rank 1, ...;
     returns the rows every rank sent here (out_sizes[r] from rank r), in rank order."""
-    return _Exchange.apply(x, out_sizes, in_sizes, group)
+    return _done(funcol.all_to_all_single_autograd(x.contiguous(), out_sizes, in_sizes, group))
 
 
 def exchange_sizes(send: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -200,7 +200,7 @@ class SimulationMode(TorchDispatchMode):
             with _disable_current_modes():
                 return self.values[args[0]].item()
         try:
-            out = func(*args, **kwargs)
+            out = self._collective(name, args) if collective else func(*args, **kwargs)
             dynamic = False
         except (DynamicOutputShapeException, DataDependentOutputException):
             if not known:
@@ -226,6 +226,24 @@ class SimulationMode(TorchDispatchMode):
             if isinstance(o, torch.Tensor):
                 self._count(o)
         return out
+
+    def _collective(self, name: str, args) -> torch.Tensor:
+        """A collective's output, from its input's shape: nothing is sent, and nothing is left in flight
+        on the process group (torch's fake tensors would run the collective for real on fake data)."""
+        x = args[0]
+        if name == "wait_tensor":
+            return x
+        if name == "all_reduce":
+            shape = x.shape
+        elif name == "all_gather_into_tensor":
+            shape = (x.shape[0] * self.world, *x.shape[1:])
+        elif name == "reduce_scatter_tensor":
+            shape = (x.shape[0] // self.world, *x.shape[1:])
+        elif name == "all_to_all_single":
+            shape = (sum(args[1]), *x.shape[1:]) if args[1] else x.shape
+        else:
+            raise SimulationError(f"{name}: a collective the simulation does not know")
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
 
     @staticmethod
     def _small(x) -> bool:
