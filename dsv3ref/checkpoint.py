@@ -11,6 +11,7 @@ interrupted save never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -258,6 +259,15 @@ class LoadReport:
     """Decisions taken while loading, in words (e.g. MTP switched off for lack of its weights)."""
     bytes_read: int = 0
     """Bytes of tensor data read from the files (with a parallel plan: this process's parts only)."""
+    headers_sha256: str = ""
+    """A digest of the name, shape and dtype of every tensor the model takes from the checkpoint (every
+    process of a parallel load reads all headers): equal on processes that read equal checkpoints."""
+
+
+def headers_digest(headers: dict[str, tuple[tuple[int, ...], str]]) -> str:
+    """sha256 over the sorted (name, shape, dtype) triples of a checkpoint's headers."""
+    text = "\n".join(f"{name} {list(shape)} {kind}" for name, (shape, kind) in sorted(headers.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _check_fp8_config(cfg: ModelConfig, path: Path) -> str | None:
@@ -537,7 +547,8 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
         model.lm_head.weight = model.model.embed_tokens.weight
     if headers_only:
         model.load_report = LoadReport(path=path, unused_tensors=tuple(sorted(unused)),
-                                       notes=(*notes, "headers only: no tensor was read"), bytes_read=0)
+                                       notes=(*notes, "headers only: no tensor was read"), bytes_read=0,
+                                       headers_sha256=headers_digest(headers))
         return model.eval()
     targets = model.state_dict()
     copy_values = {}
@@ -571,7 +582,7 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
                 raise CheckpointError(f"{file}: tensor {name} differs from {copies[name]}; dsv3ref shares the main "
                                       "model's embedding and head with the MTP modules, as the report does")
     model.load_report = LoadReport(path=path, unused_tensors=tuple(sorted(unused)), notes=tuple(notes),
-                                   bytes_read=reader.bytes_read)
+                                   bytes_read=reader.bytes_read, headers_sha256=headers_digest(headers))
     return model.eval()
 
 

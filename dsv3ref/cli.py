@@ -35,19 +35,22 @@ from dsv3ref.parallel.launch import (
     DEFAULT_TIMEOUT_S,
     LaunchError,
     agree,
+    agree_on_files,
     available_memory,
     check_memory,
+    checkpoint_identity,
     describe_failure,
     generate_data_parallel,
     generation_group,
     init_from_env,
     launched_by_torchrun,
 )
-from dsv3ref.parallel.planner import GIB, RESERVE_BYTES, format_table, machine_table, plan
+from dsv3ref.parallel.planner import GIB, GPU_MEMORY, RESERVE_BYTES, format_table, machine_table, plan
 from dsv3ref.parallel.simulation import simulate
 from dsv3ref.prefill import DEFAULT_PREFILL_CHUNK
-from dsv3ref.tokenizer import StreamDecoder, Tokenizer
+from dsv3ref.tokenizer import StreamDecoder, Tokenizer, check_text
 from dsv3ref.train import TrainConfig, train
+from dsv3ref.train.checkpoint import TRAJECTORY_FIELDS
 
 UNTRAINED = "embedded tiny model, random weights, UNTRAINED (its text is noise), with the DeepSeek-V3 tokenizer"
 
@@ -210,12 +213,13 @@ def _text_model(args: argparse.Namespace, seq_len: Callable[[Tokenizer], int]
     device = _device(args, torchrun_device)
     dtype = resolve_dtype(DTYPES[args.dtype], device)
     mtp = bool(args.speculative)
-    failure = None
+    failure, identity = None, {}
     try:
         if args.ckpt_path is None:
             cfg, fp8, tokenizer = embedded_config(), False, Tokenizer.from_pretrained()
         else:
             path, tokenizer = _checkpoint_folder(args.ckpt_path)
+            identity = checkpoint_identity(path)
             cfg, fp8 = ModelConfig.from_pretrained(path), stores_fp8(path)
         impl = resolve_implementation(fp8, device, **requests(args))
         available, where = available_memory(device)
@@ -232,6 +236,8 @@ def _text_model(args: argparse.Namespace, seq_len: Callable[[Tokenizer], int]
         failure = e
     if torchrun:
         agree("the start", failure, "another rank did not reach the start (it exited, or --load-timeout passed)")
+        if args.ckpt_path is not None:
+            agree_on_files(identity, args.ckpt_path)
     elif failure is not None:
         raise failure
     try:
@@ -242,6 +248,8 @@ def _text_model(args: argparse.Namespace, seq_len: Callable[[Tokenizer], int]
     if torchrun:
         agree("loading", failure, f"the other ranks did not finish loading within --load-timeout "
                                   f"{args.load_timeout:g} s (a slow disk, or a rank that died)")
+        if args.ckpt_path is not None:
+            agree_on_files({"tensor names, shapes and dtypes": model.load_report.headers_sha256}, args.ckpt_path)
         label += f"; rank {rank} of {world}, layout {args.layout}, {args.moe_comm}"
     elif failure is not None:
         raise failure
@@ -253,6 +261,8 @@ CHAT_PLANNED_HISTORY = 4096
 
 
 def generate_cmd(args: argparse.Namespace) -> int:
+    check_text(args.prompt, "--prompt")
+
     def prompt(tokenizer: Tokenizer) -> list[int]:
         return _prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}], args.raw)
 
@@ -266,7 +276,10 @@ def generate_cmd(args: argparse.Namespace) -> int:
 
 def _read_line(speaks: bool) -> str:
     """A line of stdin, read by rank 0 and sent to the other ranks (all of them generate together)."""
-    line = sys.stdin.readline() if speaks else ""
+    line = ""
+    if speaks:  # bytes that are not UTF-8 are kept (as surrogates) and reported by the caller, line by line
+        stream = getattr(sys.stdin, "buffer", None)
+        line = stream.readline().decode("utf-8", "surrogateescape") if stream is not None else sys.stdin.readline()
     if dist.is_initialized():
         box = [line]
         dist.broadcast_object_list(box, src=0)
@@ -293,6 +306,11 @@ def chat_cmd(args: argparse.Namespace) -> int:
             print("[history cleared]", file=err)
             continue
         if not text.strip():
+            continue
+        try:
+            check_text(text, "input")
+        except ValueError as e:
+            print(f"error: {e}; the line was ignored", file=err)
             continue
         messages.append({"role": "user", "content": text})
         try:
@@ -373,11 +391,13 @@ def plan_cmd(args: argparse.Namespace) -> int:
               f"({str(dtype)[6:]}), prefill {args.prefill_chunk} tokens a pass, main model without MTP; reserve "
               f"{RESERVE_BYTES / GIB:g} GiB per GPU; GiB = 2^30 bytes, as the GPUs report their memory")
         print(format_table(machine_table(cfg, args.batch_size, args.seq_len, layouts=args.layout,
-                                         gemm_impl=args.gemm_impl, dtype=dtype, prefill_chunk=args.prefill_chunk)))
+                                         gemm_impl=args.gemm_impl, dtype=dtype, prefill_chunk=args.prefill_chunk,
+                                         moe_comm=args.moe_comm, gpu_memory_gib=args.gpu_memory_gib)))
         return 0
     layout, gemm = args.layout or "tp", args.gemm_impl or "fp8"
     moe_comm = args.moe_comm or ("alltoall" if layout == "dp" else "allreduce")
-    p = plan(cfg, args.world_size, layout, gemm, args.gpu_memory_gib, args.batch_size, args.seq_len,
+    gpu_memory_gib = args.gpu_memory_gib or GPU_MEMORY["H200-141GB"] / GIB
+    p = plan(cfg, args.world_size, layout, gemm, gpu_memory_gib, args.batch_size, args.seq_len,
              args.prefill_chunk, args.mtp, dtype=dtype, moe_comm=moe_comm)
     sim = None
     if args.simulate:
@@ -414,44 +434,75 @@ def train_cmd(args: argparse.Namespace) -> int:
                       mtp_lambda_late=args.mtp_lambda_late, device=args.device,
                       balance=args.balance, gamma=args.gamma, seq_alpha=args.seq_alpha, fp8=args.fp8,
                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
-    if args.resume is not None and not (Path(args.resume) / "train_state.json").is_file():
-        raise CliError(f"--resume {args.resume}: not a training checkpoint (no train_state.json)")
-    final = train(cfg, resume=args.resume)
+    allowed = tuple(name for group in args.allow_change for name in group)
+    final = train(cfg, resume=args.resume, allow_changes=allowed)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()
              if k in ("step", "loss", "mtp_loss", "val_loss", "val_maxvio", "tokens_per_second")}
     print(f"{shown}; checkpoints and metrics.jsonl in {cfg.out_dir}")
     return 0
 
 
-def _positive(text: str) -> int:
-    """argparse type: a positive integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
-    return value
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [low, high) (no upper bound when high is None)."""
+    span = f">= {low}" if high is None else f"in [{low}, {high})"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer {span}, found {text!r}") from None
+        if value < low or (high is not None and value >= high):
+            raise argparse.ArgumentTypeError(f"expected an integer {span}, found {value}")
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    """argparse type: a finite positive number."""
+def _number(low: float = 0.0, *, open_low: bool = False, high: float | None = None) -> Callable[[str], float]:
+    """argparse type: a finite number >= low (> low with open_low), <= high."""
+    span = f"{'>' if open_low else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a finite number {span}, found {text!r}") from None
+        if not (math.isfinite(value) and (value > low if open_low else value >= low)
+                and (high is None or value <= high)):
+            raise argparse.ArgumentTypeError(f"expected a finite number {span}, found {text}")
+        return value
+    return parse
+
+
+_positive = _integer(1)
+_positive_float = _number(0.0, open_low=True)
+
+
+def _torch_device(text: str) -> str:
+    """argparse type: a device name torch knows (cpu, cuda, cuda:1, ...)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, found {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, found {text}")
-    return value
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu, cuda or cuda:1, found {text!r}") from None
+    return text
+
+
+def _field_list(text: str) -> list[str]:
+    """argparse type of --allow-change: comma-separated TrainConfig fields that change a run's trajectory."""
+    names = [n.strip().replace("-", "_") for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TRAJECTORY_FIELDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(TRAJECTORY_FIELDS)}, found {text!r}")
+    return names
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-path", default=None, help="checkpoint folder with tokenizer files (default: the "
                                                      "embedded untrained tiny model)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_positive, default=64)
+    p.add_argument("--temperature", type=_number(0.0), default=0.0,
+                   help="0: greedy; a temperature too small to tell tokens apart draws among the most likely")
+    p.add_argument("--top-p", type=_number(0.0, open_low=True, high=1.0), default=1.0, help="1: off")
+    p.add_argument("--top-k", type=_integer(0), default=0, help="0: off")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--compile", action="store_true", help="decode through torch.compile (one graph, captured once)")
     p.add_argument("--speculative", action="store_true",
@@ -517,11 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", choices=["hf", "fast"], default="hf",
                    help="hf: transformers' DeepseekV3ForCausalLM; fast: dsv3ref's absorb + grouped path")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--seq-len", type=int, default=16)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=_positive, default=16)
+    p.add_argument("--batch", type=_positive, default=1)
     p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--rtol", type=float, default=1e-5)
-    p.add_argument("--atol", type=float, default=0.0)
+    p.add_argument("--rtol", type=_number(0.0), default=1e-5)
+    p.add_argument("--atol", type=_number(0.0), default=0.0)
     p.set_defaults(func=compare_cmd)
     p = sub.add_parser("plan", help="per-GPU memory of the full model: weights, latent cache, what fits")
     p.add_argument("--config", default="deepseek-v3", help="'deepseek-v3' or a checkpoint folder's config.json")
@@ -532,8 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gemm-impl", choices=CHOICES["gemm_impl"], default=None,
                    help="default: each machine's (table), fp8 (one plan)")
     p.add_argument("--dtype", choices=list(DTYPES), default=AUTO, help="auto: bfloat16, as on the GPUs")
-    p.add_argument("--gpu-memory-gib", type=_positive_float, default=143_771 / 1024,
-                   help="default: an H200's 140.4 GiB")
+    p.add_argument("--gpu-memory-gib", type=_positive_float, default=None,
+                   help="memory of one GPU (default: an H200's 140.4 GiB with --world-size; the usual machines' "
+                        "without, or nodes of 8 GPUs of this memory)")
     p.add_argument("--batch-size", type=_positive, default=32)
     p.add_argument("--seq-len", type=_positive, default=4096)
     p.add_argument("--prefill-chunk", type=_positive, default=DEFAULT_PREFILL_CHUNK)
@@ -547,21 +599,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, default=600)
     p.add_argument("--batch-size", type=_positive, default=16)
     p.add_argument("--seq-len", type=_positive, default=128)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine down to a tenth)")
-    p.add_argument("--warmup", type=_positive, default=30)
-    p.add_argument("--mtp-lambda", type=float, default=0.3, help="weight of the MTP loss (report: 0.3, then 0.1)")
-    p.add_argument("--mtp-lambda-late", type=float, default=None,
+    p.add_argument("--lr", type=_number(0.0, open_low=True), default=3e-3,
+                   help="peak learning rate (cosine down to a tenth)")
+    p.add_argument("--warmup", type=_integer(0), default=30, help="steps of linear warmup")
+    p.add_argument("--mtp-lambda", type=_number(0.0), default=0.3,
+                   help="weight of the MTP loss (report: 0.3, then 0.1)")
+    p.add_argument("--mtp-lambda-late", type=_number(0.0), default=None,
                    help="MTP weight for the last third of the steps (report: 0.1); default: --mtp-lambda throughout")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=_torch_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--balance", choices=["bias", "aux", "none"], default="bias",
                    help="bias: auxiliary-loss-free bias update; aux: a classic auxiliary loss; none")
-    p.add_argument("--gamma", type=float, default=0.001, help="bias update speed (report: 0.001)")
-    p.add_argument("--seq-alpha", type=float, default=0.0, help="sequence-wise balance loss weight (report: 1e-4)")
+    p.add_argument("--gamma", type=_number(0.0), default=0.001, help="bias update speed (report: 0.001)")
+    p.add_argument("--seq-alpha", type=_number(0.0), default=0.0,
+                   help="sequence-wise balance loss weight (report: 1e-4)")
     p.add_argument("--fp8", action="store_true", help="FP8 GEMMs in forward and backward (section 3.3, emulated)")
     p.add_argument("--eval-every", type=_positive, default=100)
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end only)")
-    p.add_argument("--seed", type=_seed, default=0)
-    p.add_argument("--resume", default=None, help="a step_NNNNNN/ checkpoint folder of this run to continue from")
+    p.add_argument("--save-every", type=_integer(0), default=0, help="checkpoint every N steps (0: at the end only)")
+    p.add_argument("--seed", type=_integer(0, 2**32), default=0)
+    p.add_argument("--resume", default=None, help="a step_NNNNNN/ checkpoint folder of this run to continue from "
+                                                  "(the run's settings must equal the saved ones)")
+    p.add_argument("--allow-change", type=_field_list, action="append", default=[], metavar="FIELD[,FIELD]",
+                   help="with --resume: settings allowed to differ from the checkpoint's (e.g. steps, to train "
+                        "longer); the resumed run then no longer equals the uninterrupted one")
     p.set_defaults(func=train_cmd)
     return parser
 

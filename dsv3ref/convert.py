@@ -15,6 +15,12 @@ Nothing is lost and nothing half-done is left where a loader would find it:
   what is being converted) and renamed to DST when complete: DST either is a whole checkpoint or
   does not exist. Killed mid-way, a rerun of the same command resumes: shards already written (each
   one is itself written under a temporary name and renamed) are kept, temporary files are removed.
+- The manifest records each source shard's size and modification time: a resume converts again the
+  shards whose source changed since (and those that read a scale from them), and says so; a source
+  shard that changes while being converted stops the conversion before DST is made.
+- One conversion at a time into a DST: the work runs under a lock beside it (`.DST.lock`,
+  dsv3ref.lock); a second conversion stops at once naming the holder, and a lock left by a killed
+  conversion is taken over, said on screen.
 - Every tensor is checked as the loader checks it, before it is written: weights finite, scales
   finite, positive and block-shaped; shard names plain and distinct. A failed check removes the
   sibling folder and names the file and tensor.
@@ -43,6 +49,7 @@ from dsv3ref.checkpoint import (
     tensor_files,
 )
 from dsv3ref.fp8 import E4M3, FP8_WEIGHT, QUANTIZATION_CONFIG, SCALE_SUFFIX, dequantize_weight, quantize_weight
+from dsv3ref.lock import exclusive
 
 FP8_LINEAR = FP8_WEIGHT  # the former name of the rule, which dsv3ref.fp8 now owns
 DIRECTIONS = ("fp8-to-bf16", "bf16-to-fp8")
@@ -76,17 +83,47 @@ def _shard_names(src: Path, files: dict[str, Path]) -> list[Path]:
     return shards
 
 
-def _start(work: Path, manifest: dict) -> set[str]:
-    """Create the work folder, or resume the same conversion in it; return the shards already written."""
+def _stamp(file: Path) -> list[int]:
+    """What the manifest records of a source shard: [size, modification time in ns]."""
+    st = file.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _dependents(changed: set[str], files: dict[str, Path]) -> set[str]:
+    """The shards whose conversion reads a changed shard: themselves, and (fp8-to-bf16) those holding
+    an FP8 weight whose scale lies in a changed shard."""
+    out = set(changed)
+    for name, shard in files.items():
+        scale = files.get(name + SCALE_SUFFIX)
+        if scale is not None and scale.name in changed:
+            out.add(shard.name)
+    return out
+
+
+def _start(work: Path, manifest: dict, files: dict[str, Path]) -> set[str]:
+    """Create the work folder, or resume the same conversion in it; return the shards already written
+    and still current (a source shard whose size or modification time changed since is converted again)."""
     if work.exists():
         try:
             previous = json.loads((work / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError):
             raise FileExistsError(f"{work}: exists but holds no {MANIFEST} from this converter; remove it") from None
-        if previous == manifest:
+        same = {k: v for k, v in previous.items() if k != "shards"} == {k: v for k, v in manifest.items()
+                                                                          if k != "shards"}
+        if same and isinstance(previous.get("shards"), dict) and previous["shards"].keys() == manifest["shards"].keys():
             remove_temporaries(work)
+            changed = {n for n, stamp in manifest["shards"].items() if previous["shards"][n] != stamp}
+            stale = {n for n in _dependents(changed, files) if (work / n).is_file()}
+            if stale:
+                print(f"convert: {len(changed)} source shard(s) changed since the interrupted conversion "
+                      f"({', '.join(sorted(changed)[:3])}); converting {len(stale)} shard(s) again", file=sys.stderr)
+                for name in stale:
+                    (work / name).unlink()
+            atomic_write_text(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")
             return {name for name in manifest["shards"] if (work / name).is_file()}
-        shutil.rmtree(work)  # a different conversion into the same DST, interrupted: start over
+        print(f"convert: {work} holds an interrupted conversion of another source, direction or shard list; "
+              "starting over", file=sys.stderr)
+        shutil.rmtree(work)
     work.mkdir(parents=True)
     atomic_write_text(work / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return set()
@@ -132,18 +169,25 @@ def convert(src: str | Path, dst: str | Path, direction: str, scale_fmt: str | N
         raise CheckpointError(f"{src / 'config.json'}: cannot be read as JSON ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{src / 'config.json'}: expected a JSON object, found {type(config).__name__}")
-    _check_destination(src, dst)
     shards = _shard_names(src, files)
     is_fp8 = (config.get("quantization_config") or {}).get("quant_method") == "fp8"
     if direction == "fp8-to-bf16" and not is_fp8:
         raise ValueError(f"SRC: {src / 'config.json'} has no FP8 quantization_config; nothing to dequantize")
     if direction == "bf16-to-fp8" and is_fp8:
         raise ValueError(f"SRC: {src / 'config.json'} is already FP8")
+    _check_destination(src, dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(dst.parent / f".{dst.name}.lock", f"convert into {dst}"):
+        _check_destination(src, dst)  # again, under the lock: a conversion that just finished filled it
+        _convert_locked(src, dst, direction, scale_fmt, progress, files, shards, config)
 
+
+def _convert_locked(src: Path, dst: Path, direction: str, scale_fmt: str | None, progress, files: dict[str, Path],
+                    shards: list[Path], config: dict) -> None:
     work = _work_folder(dst)
     manifest = {"source": str(src.resolve()), "direction": direction, "scale_fmt": scale_fmt,
-                "shards": [s.name for s in shards]}
-    done = _start(work, manifest)
+                "shards": {s.name: _stamp(s) for s in shards}}
+    done = _start(work, manifest, files)
     weight_map: dict[str, str] = {}
     total_size = 0
     bar = tqdm(total=sum(s.stat().st_size for s in shards), unit="B", unit_scale=True, unit_divisor=1024,
@@ -183,6 +227,10 @@ def convert(src: str | Path, dst: str | Path, direction: str, scale_fmt: str | N
     else:
         config["quantization_config"] = dict(QUANTIZATION_CONFIG, **({"scale_fmt": scale_fmt} if scale_fmt else {}))
     atomic_write_text(work / "config.json", json.dumps(config, indent=2) + "\n")
+    changed = [s.name for s in shards if _stamp(s) != manifest["shards"][s.name]]
+    if changed:
+        raise CheckpointError(f"SRC: {', '.join(changed[:3])} changed while being converted; run the conversion "
+                              "again (it converts the changed shards again)")
     (work / MANIFEST).unlink()
     if dst.exists():
         dst.rmdir()  # empty (checked above)

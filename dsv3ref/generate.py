@@ -15,6 +15,7 @@ tokens are chosen by a `dsv3ref.sampling.Sampler`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -207,8 +208,8 @@ def generate(
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens: expected a positive integer, found {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature: expected >= 0, found {temperature!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature: expected a finite number >= 0, found {temperature!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p: expected a value in (0, 1], found {top_p!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:

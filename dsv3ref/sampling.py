@@ -34,7 +34,12 @@ class Sampler:
                                      "chosen; the weights or the model's arithmetic produce non-finite values")
         if self.temperature == 0:
             return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-        return filter_logits(logits.float() / self.temperature, self.top_k, self.top_p).softmax(-1)
+        # Shifted by the row's maximum first (the softmax and the filters do not change): the largest
+        # logit becomes 0, so a temperature small enough to overflow a plain division still gives a
+        # distribution (all on the most likely tokens) instead of NaN.
+        logits = logits.float()
+        scaled = (logits - logits.amax(-1, keepdim=True)) / self.temperature
+        return filter_logits(scaled, self.top_k, self.top_p).softmax(-1)
 
     def draw(self, probs: torch.Tensor) -> torch.Tensor:
         """A token per row of probs (b, vocab) -> (b,)."""

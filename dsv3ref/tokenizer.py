@@ -159,6 +159,7 @@ class Tokenizer:
         nothing; the chat template writes the BOS token itself)."""
         if not isinstance(text, str):
             raise TypeError(f"text: expected str, found {type(text).__name__}")
+        check_text(text, "text")
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
@@ -208,6 +209,8 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise ValueError(f"messages[{i}]: expected a dict with a 'role' (and 'content'), found {m!r}")
+            if isinstance(m.get("content"), str):
+                check_text(m["content"], f"messages[{i}].content")
         budget = _RenderBudget()
         variables = dict(bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token, **kwargs)
         pieces, size = [], 0
@@ -226,6 +229,18 @@ class Tokenizer:
             raise ValueError(f"chat template: {type(e).__name__}: {e}") from None
         text = "".join(pieces)
         return self.encode(text) if tokenize else text
+
+
+def check_text(text: str, what: str) -> None:
+    """ValueError naming `what` if text is not valid Unicode text: a lone surrogate, which is how Python
+    carries bytes that are not UTF-8 (a command-line argument or a file in another encoding)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = text[e.start]
+        found = (f"the byte 0x{ord(char) - 0xDC00:02x}, which is not UTF-8," if 0xDC80 <= ord(char) <= 0xDCFF
+                 else f"a lone surrogate U+{ord(char):04X}")
+        raise ValueError(f"{what}: not valid text: {found} at character {e.start}") from None
 
 
 class StreamDecoder:

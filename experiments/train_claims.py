@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import matplotlib
@@ -43,6 +44,7 @@ def run(name: str, steps: int, corpus: Corpus, **changes) -> list[dict]:
     cfg = TrainConfig(out_dir=str(RESULTS / "runs" / name), steps=steps, eval_every=max(steps // 10, 1),
                       progress=False, **changes)
     if not (Path(cfg.out_dir) / f"step_{steps:06d}").exists():
+        shutil.rmtree(cfg.out_dir, ignore_errors=True)  # an unfinished run of this cache: train refuses to overwrite it
         train(cfg, corpus=corpus)
     return metrics(Path(cfg.out_dir))
 

@@ -11,9 +11,12 @@ and JSON), never fetched.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import stat
@@ -32,6 +35,9 @@ import dsv3ref
 from dsv3ref import CheckpointError, DeepseekV3, Tokenizer, generate
 from dsv3ref.checkpoint import tensor_files
 from dsv3ref.convert import convert
+from dsv3ref.lock import LockHeldError, exclusive
+from dsv3ref.sampling import Sampler
+from dsv3ref.train import Corpus, TrainConfig, train
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "robustness.md"
 
@@ -65,7 +71,46 @@ def base(tmp_path_factory):
     torch.manual_seed(3)
     dsv3ref.save_pretrained(DeepseekV3(cfg).eval(), tmp / "f32", max_shard_bytes=200_000)
     convert(tmp / "f32", tmp / "fp8", "bf16-to-fp8")
+    train(run_config(tmp / "run"), corpus=small_corpus())  # step_000002, step_000004, metrics.jsonl
     return tmp
+
+
+@functools.cache
+def small_corpus() -> Corpus:
+    return Corpus.stdlib(200_000)
+
+
+def run_config(out: Path, **changes) -> TrainConfig:
+    """A training run of seconds: 4 steps of a 2-layer model, a checkpoint every 2."""
+    model = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16,
+                 kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, intermediate_size=64,
+                 moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1)
+    settings = dict(out_dir=str(out), steps=4, batch_size=2, seq_len=16, eval_every=2, eval_batches=1, warmup=1,
+                    save_every=2, progress=False, model=model)
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def copy_run(base: Path, tmp: Path) -> Path:
+    run = tmp / "run"
+    shutil.copytree(base / "run", run)
+    return run
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under folder, by relative path: to show that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli(*argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dsv3ref", *argv], capture_output=True, timeout=300, input=stdin)
+
+
+def refused(result: subprocess.CompletedProcess, message: str) -> None:
+    """The CLI ended with `error: ...` naming `message`, status 2, no traceback."""
+    err = result.stderr.decode(errors="replace")
+    assert result.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert message in err, err[-2000:]
 
 
 def copy(base: Path, tmp: Path, which: str = "f32") -> Path:
@@ -433,10 +478,332 @@ def runaway_templates_are_stopped(base, tmp, monkeypatch):
             tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+# ------------------------------------------------------------------------- training runs (round two)
+@case("data loss", "`train` into an --out-dir that holds an earlier run (its metrics.jsonl and checkpoints)",
+      "refused before anything is written, naming what the folder holds and the `--resume` that continues it")
+def training_refuses_a_folder_holding_another_run(base, tmp, monkeypatch):
+    run = copy_run(base, tmp)
+    before = snapshot(run)
+    with pytest.raises(FileExistsError, match=r"holds another run \(metrics.jsonl, step_000002, step_000004\).*"
+                                              r"--resume .*step_000004 continues it"):
+        train(run_config(run), corpus=small_corpus())
+    assert snapshot(run) == before
+
+
+@case("data loss", "`train --resume run/step_000004 --steps 2`; a resume from step 2 of a folder that holds step 4",
+      "both refused before anything is written: --steps must pass the checkpoint's step, and later checkpoints are "
+      "never overwritten")
+def resume_never_goes_back_over_a_run(base, tmp, monkeypatch):
+    run = copy_run(base, tmp)
+    before = snapshot(run)
+    refused(cli("train", "--out-dir", str(run), "--resume", str(run / "step_000004"), "--steps", "2"),
+            "error: steps: 2, but the checkpoint")
+    with pytest.raises(FileExistsError, match=r"holds checkpoints after step 2 \(step_000004\)"):
+        train(run_config(run), resume=run / "step_000002", corpus=small_corpus())
+    assert snapshot(run) == before
+
+
+@case("data loss", "a run folder whose `metrics.jsonl` or `step_000006` is a symbolic link to a file or folder "
+      "outside it", "refused naming the link; nothing is written through it")
+def training_never_writes_through_a_link(base, tmp, monkeypatch):
+    for name in ("metrics.jsonl", "step_000006"):
+        run = copy_run(base, tmp)
+        outside = tmp / "outside"
+        outside.mkdir() if name.startswith("step") else outside.write_text("keep me")
+        target = run / name
+        if target.exists():
+            target.unlink()
+        target.symlink_to(outside)
+        with pytest.raises(ValueError, match=f"{target} is a symbolic link"):
+            train(run_config(run, steps=6), resume=run / "step_000004", allow_changes=("steps",),
+                  corpus=small_corpus())
+        assert (list(outside.iterdir()) == [] if outside.is_dir() else outside.read_text() == "keep me")
+        shutil.rmtree(run)
+        shutil.rmtree(outside) if outside.is_dir() else outside.unlink()
+
+
+@case("data loss", "a run killed after step 3 (its last checkpoint: step 2), resumed from step_000002",
+      "every step appears once in metrics.jsonl (rows after the checkpoint are written again, not twice), and "
+      "the final weights equal the uninterrupted run's bit for bit")
+def a_resumed_run_lists_every_step_once(base, tmp, monkeypatch):
+    run = copy_run(base, tmp)
+    shutil.rmtree(run / "step_000004")  # as if killed before the last checkpoint
+    train(run_config(run), resume=run / "step_000002", corpus=small_corpus())
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    a, b = load_file(run / "step_000004" / "model.safetensors"), load_file(base / "run/step_000004/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@case("silent wrong results", "`train --lr inf`, `--mtp-lambda nan`, `--gamma nan`, `--warmup -1`; through the API "
+      "NaN `grad_clip`, `weight_decay`, `min_lr`, negative `warmup`",
+      "each refused before the first step, naming the flag or field and what is expected")
+def training_hyperparameters_are_checked(base, tmp, monkeypatch):
+    for flag, value in (("--lr", "inf"), ("--mtp-lambda", "nan"), ("--gamma", "nan"), ("--warmup", "-1")):
+        result = cli("train", "--out-dir", str(tmp / "never"), flag, value)
+        assert result.returncode == 2 and f"argument {flag}: expected" in result.stderr.decode(), result.stderr
+    for field, value in (("grad_clip", math.nan), ("weight_decay", math.nan), ("min_lr", math.nan), ("warmup", -3),
+                         ("lr", math.inf)):
+        with pytest.raises(ValueError, match=f"{field}: expected .*, found {value!r}"):
+            run_config(tmp / "never", **{field: value})
+    assert not (tmp / "never").exists()
+
+
+@case("silent wrong results", "a learning rate of 1e30 (finite, but the weights blow up)",
+      "the run stops with FloatingPointError naming the first step whose loss is not finite; every checkpoint "
+      "written holds finite weights and metrics.jsonl holds no NaN")
+def a_diverging_run_stops_at_the_first_non_finite_step(base, tmp, monkeypatch):
+    run = tmp / "run"
+    with pytest.raises(FloatingPointError, match=r"step \d+: .*not finite|step \d+: the (loss|gradient norm) is"):
+        train(run_config(run, lr=1e30, min_lr=0.0, steps=6, save_every=1), corpus=small_corpus())
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"metrics.jsonl holds {c}"))
+    assert len(list(run.glob("step_*"))) < 6
+    for folder in run.glob("step_*"):
+        DeepseekV3.from_pretrained(folder)  # checks every weight finite
+
+
+@case("silent wrong results", "resume with another `--seed`, `--batch-size`, `--lr` or `--fp8` than the checkpoint's",
+      "refused naming the field, the saved and the given value; `--allow-change FIELD` allows it, said on stderr")
+def resume_with_other_settings_is_refused(base, tmp, monkeypatch, capsys):
+    run = copy_run(base, tmp)
+    for field, value in (("seed", 5), ("batch_size", 3), ("lr", 1e-3), ("fp8", True)):
+        saved = getattr(run_config(run), field)
+        with pytest.raises(ValueError, match=rf"resume: {field} was {saved!r} in .*train_state.json, this run gives "
+                                             rf"{value!r}"):
+            train(run_config(run, steps=6, **{field: value}), resume=run / "step_000004", allow_changes=("steps",),
+                  corpus=small_corpus())
+    assert not (run / "step_000006").exists()
+    train(run_config(run, steps=6, seed=5), resume=run / "step_000004", allow_changes=("steps", "seed"),
+          corpus=small_corpus())
+    assert "resume: seed changed from 0" in capsys.readouterr().err and (run / "step_000006").is_dir()
+
+
+@case("silent wrong results", "a `train_state.json` with `step: -3` or `step: 2.7`; Adam moments holding NaN or a "
+      "negative second moment", "each resume refused naming the file and the field or tensor")
+def resume_state_is_checked(base, tmp, monkeypatch):
+    for step in (-3, 2.7):
+        run = copy_run(base, tmp)
+        state = run / "step_000002" / "train_state.json"
+        edit_json(state, lambda d, s=step: d.update(step=s))
+        with pytest.raises(CheckpointError, match=rf"{state}: field step: expected an integer >= 0, found {step}"):
+            train(run_config(run), resume=run / "step_000002", corpus=small_corpus())
+        shutil.rmtree(run)
+    name = "model.layers.1.mlp.experts.0.up_proj.weight"
+    for moment, change, message in (("exp_avg", with_nan, "holds 1 non-finite"),
+                                    ("exp_avg_sq", lambda t: -t - 1, "holds negative values")):
+        run = copy_run(base, tmp)
+        file = run / "step_000002" / "optimizer.safetensors"
+        tensors = load_file(file)
+        tensors[f"{name}.{moment}"] = change(tensors[f"{name}.{moment}"])
+        save_file(tensors, file)
+        with pytest.raises(CheckpointError, match=rf"{file}: tensor {name}.{moment} {message}"):
+            train(run_config(run), resume=run / "step_000002", corpus=small_corpus())
+        shutil.rmtree(run)
+
+
+@case("tracebacks", "resume from a checkpoint of another model config (another hidden size)",
+      "refused naming config.json and the differing field, before any weight is read")
+def resume_of_another_model_is_refused(base, tmp, monkeypatch):
+    run = copy_run(base, tmp)
+    other = run_config(run).model | {"hidden_size": 48}
+    with pytest.raises(CheckpointError, match=r"config.json: describes another model than this run's: hidden_size "
+                                              r"32 \(this run: 48\)"):
+        train(run_config(run, model=other), resume=run / "step_000002", allow_changes=("model",),
+              corpus=small_corpus())
+
+
+@case("tracebacks", "an `adam_steps` entry naming an unknown tensor, or `-1`; a moment of the wrong shape or dtype; "
+      "an `optimizer.safetensors` of garbage bytes", "each refused naming the file and the entry or tensor")
+def resume_optimizer_state_is_checked(base, tmp, monkeypatch):
+    name = "model.norm.weight"
+    for change, message in ((lambda d: d["adam_steps"].update({"model.nowhere": 2}),
+                             "adam_steps names 'model.nowhere'"),
+                            (lambda d: d["adam_steps"].update({name: -1}),
+                             rf"adam_steps.{name}: expected an integer in 1..2 .*, found -1")):
+        run = copy_run(base, tmp)
+        edit_json(run / "step_000002" / "train_state.json", change)
+        with pytest.raises(CheckpointError, match=message):
+            train(run_config(run), resume=run / "step_000002", corpus=small_corpus())
+        shutil.rmtree(run)
+    for change, message in ((lambda t: t[:-1], rf"tensor {name}.exp_avg is \(31,\) torch.float32, expected \(32,\)"),
+                            (lambda t: t.double(), rf"tensor {name}.exp_avg is \(32,\) torch.float64, expected")):
+        run = copy_run(base, tmp)
+        file = run / "step_000002" / "optimizer.safetensors"
+        tensors = load_file(file)
+        tensors[f"{name}.exp_avg"] = change(tensors[f"{name}.exp_avg"])
+        save_file(tensors, file)
+        with pytest.raises(CheckpointError, match=message):
+            train(run_config(run), resume=run / "step_000002", corpus=small_corpus())
+        file.write_bytes(b"\x00garbage" * 10)
+        with pytest.raises(CheckpointError, match=f"{file}: cannot be read as safetensors"):
+            train(run_config(run), resume=run / "step_000002", corpus=small_corpus())
+        shutil.rmtree(run)
+
+
+@case("tracebacks", "`train --seq-len 100000000` (longer than the corpus)",
+      "refused naming seq_len, the length found and the corpus's")
+def a_sequence_longer_than_the_corpus_is_refused(base, tmp, monkeypatch):
+    with pytest.raises(ValueError, match=r"seq_len: 100000000 bytes, but the corpus's training split holds only"):
+        train(run_config(tmp / "run", seq_len=100_000_000), corpus=small_corpus())
+
+
+@case("unclear errors", "a `train_state.json` holding `{oops` or `[]`",
+      "refused naming the file: not JSON, or not an object")
+def malformed_train_state_is_named(base, tmp, monkeypatch):
+    for text, message in (("{oops", "cannot be read as JSON"), ("[]", "expected a JSON object, found list")):
+        run = copy_run(base, tmp)
+        state = run / "step_000002" / "train_state.json"
+        state.write_text(text)
+        refused(cli("train", "--out-dir", str(run), "--resume", str(run / "step_000002"), "--steps", "4"),
+                f"error: {state}: {message}")
+        shutil.rmtree(run)
+
+
+# ------------------------------------------------------------------------------ conversions (round two)
+@case("data loss", "two conversions of different sources into one DST at the same moment; one while another "
+      "holds DST's lock", "one converts, the other stops naming the process that holds the lock (or DST not empty); "
+      "DST is one source's conversion, whole")
+def conversions_into_one_destination_cannot_race(base, tmp, monkeypatch):
+    other = copy(base, tmp)
+    edit_tensor(other, "model.norm.weight", lambda t: t + 1)
+    dst = tmp / "dst"
+    with exclusive(tmp / ".dst.lock", "a test"):
+        with pytest.raises(LockHeldError, match=rf"convert into {dst}: process {os.getpid()} on .* is doing it"):
+            convert(base / "f32", dst, "bf16-to-fp8")
+    assert not dst.exists() and not (tmp / ".dst.lock").exists()
+    racers = [subprocess.Popen([sys.executable, "-m", "dsv3ref.convert", "bf16-to-fp8", str(src), str(dst)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for src in (base / "f32", other)]
+    results = [(r.wait(timeout=300), r.stderr.read().decode()) for r in racers]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "is doing it" in loser or "is not empty" in loser, loser
+    winner = (base / "f32", other)[[code for code, _ in results].index(0)]
+    fresh = tmp / "fresh"
+    convert(winner, fresh, "bf16-to-fp8")
+    assert snapshot(dst) == snapshot(fresh)
+
+
+@case("data loss", "a conversion whose lock was left by a killed converter (`.DST.lock` naming a dead process)",
+      "the stale lock is recognized (nobody holds it), taken over and said on stderr; the conversion completes")
+def a_stale_conversion_lock_is_taken_over(base, tmp, monkeypatch, capsys):
+    (tmp / ".dst.lock").write_text(json.dumps({"pid": 999999, "host": "elsewhere", "started": "yesterday"}))
+    convert(base / "f32", tmp / "dst", "bf16-to-fp8")
+    assert "was left by process 999999 on elsewhere (since yesterday), which is no longer running" in \
+        capsys.readouterr().err
+    assert not (tmp / ".dst.lock").exists() and loaded(tmp / "dst", gemm_impl="fp8")
+
+
+@case("silent wrong results", "a killed conversion resumed after one SRC shard changed; a SRC shard changed while "
+      "being converted", "the changed shard is converted again (said on stderr) and DST equals a fresh conversion of "
+      "the new SRC; a change during the conversion stops it before DST is made")
+def a_conversion_never_mixes_old_and_new_source(base, tmp, monkeypatch, capsys):
+    src, dst = copy(base, tmp), tmp / "dst"
+    import dsv3ref.convert as conversion
+    real, written = conversion.atomic_save_tensors, []
+
+    def killed_after_two(path, tensors):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        real(path, tensors)
+        written.append(path.name)
+    monkeypatch.setattr(conversion, "atomic_save_tensors", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        convert(src, dst, "bf16-to-fp8")
+    monkeypatch.setattr(conversion, "atomic_save_tensors", real)
+    name = next(n for n, f in tensor_files(src).items() if f.name == written[0] and n.endswith("norm.weight"))
+    edit_tensor(src, name, lambda t: t * 3)  # the first converted shard changes in SRC
+    convert(src, dst, "bf16-to-fp8")
+    assert f"1 source shard(s) changed since the interrupted conversion ({written[0]})" in capsys.readouterr().err
+    convert(src, tmp / "fresh", "bf16-to-fp8")
+    assert snapshot(dst) == snapshot(tmp / "fresh")
+
+    def touch_first(shard, *args):
+        out = conversion_shard(shard, *args)
+        os.utime(first_shard(src), ns=(1, 1))
+        return out
+    conversion_shard = conversion._convert_shard
+    monkeypatch.setattr(conversion, "_convert_shard", touch_first)
+    with pytest.raises(CheckpointError, match="changed while being converted"):
+        convert(src, tmp / "dst2", "bf16-to-fp8")
+    assert not (tmp / "dst2").exists()
+
+
+# ---------------------------------------------------------------------------------- launches and flags
+@case("silent wrong results", "torchrun ranks whose config.json copies differ; ranks whose safetensors copies "
+      "differ in a tensor's dtype (per-node copies)", "the launch stops (each rank with status 2) before loading or "
+      "before generating; rank 0 names the rank, the file and the differing field")
+def ranks_agree_on_what_they_read(base, tmp, monkeypatch, text_checkpoint):
+    from test_launch import torchrun
+    copy_ = tmp / "node2"
+    shutil.copytree(text_checkpoint, copy_)
+    set_config(copy_, rms_norm_eps=1e-3)
+    done = torchrun(["generate", "--ckpt-path", str(text_checkpoint), "--prompt", "x", "--max-new-tokens", "2"],
+                    fault=f"other_copy:1:{copy_}")
+    assert done.returncode != 0 and not re.search(r'File ".*/dsv3ref/', done.stderr), done.stderr[-3000:]
+    assert f"error: rank 1 and rank 0 read different config.json of {text_checkpoint}" in done.stderr
+    assert "rms_norm_eps 0.001 against 1e-06" in done.stderr, done.stderr[-3000:]
+    shutil.rmtree(copy_)
+    shutil.copytree(text_checkpoint, copy_)
+    edit_tensor(copy_, "model.norm.weight", lambda t: t.double())
+    done = torchrun(["generate", "--ckpt-path", str(text_checkpoint), "--prompt", "x", "--max-new-tokens", "2"],
+                    fault=f"other_copy:1:{copy_}")
+    assert done.returncode != 0 and not re.search(r'File ".*/dsv3ref/', done.stderr), done.stderr[-3000:]
+    assert "rank 1 and rank 0 read different tensor names, shapes and dtypes" in done.stderr, done.stderr[-3000:]
+
+
+@case("tracebacks", "`--timeout 0`, `-1` or `nan` (generate, chat, under torchrun or not); `plan --gpu-memory-gib "
+      "inf`, `nan` or `-1`; `generate --top-p 0`, `--top-k -1`, `--temperature -1`",
+      "each refused where it is parsed, naming the flag (`argument --timeout: expected a finite number > 0`)")
+def flags_are_checked_where_they_are_parsed(base, tmp, monkeypatch):
+    for argv in (["generate", "--prompt", "x", "--timeout", v] for v in ("0", "-1", "nan")):
+        refused(cli(*argv), "argument --timeout: expected a finite number > 0")
+    for value in ("inf", "nan", "-1"):
+        refused(cli("plan", "--gpu-memory-gib", value), "argument --gpu-memory-gib: expected a finite number > 0")
+    refused(cli("generate", "--prompt", "x", "--top-p", "0"), "argument --top-p: expected a finite number > 0 and <= 1")
+    refused(cli("generate", "--prompt", "x", "--top-k", "-1"), "argument --top-k: expected an integer >= 0")
+    refused(cli("generate", "--prompt", "x", "--temperature", "-1"), "argument --temperature: expected a finite number")
+
+
+@case("silent wrong results", "`plan --gpu-memory-gib 40 --layout dp --gemm-impl bf16` without --world-size",
+      "honoured: the table shows nodes of 40 GiB GPUs, layout dp and bf16 GEMMs only (before: the flags were ignored)")
+def plan_honours_its_flags_without_a_world_size(base, tmp, monkeypatch):
+    result = cli("plan", "--gpu-memory-gib", "40", "--layout", "dp", "--gemm-impl", "bf16")
+    rows = [line.split() for line in result.stdout.decode().splitlines() if "GiB " in line and line[0].isdigit()]
+    assert result.returncode == 0 and len(rows) == 3, result.stdout
+    assert {(r[0], r[1], r[2], r[3], r[4], r[10]) for r in rows} == {
+        (f"{n}x8", "40.0", "GiB", "bf16", "dp", "40.0") for n in (1, 2, 4)}
+
+
+@case("tracebacks", "`generate --temperature 1e-45` (logits / T overflows to inf)",
+      "the draw is among the most likely tokens: the same text as greedy, no multinomial error")
+def a_tiny_temperature_is_greedy(base, tmp, monkeypatch):
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-6], [0.5, -1.0, 0.2, 0.1]])
+    sampler = Sampler(1e-45, top_k=0, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    assert sampler(logits).tolist() == [1, 0]
+    greedy, tiny = cli("generate", "--prompt", "hi", "--max-new-tokens", "4"), \
+        cli("generate", "--prompt", "hi", "--max-new-tokens", "4", "--temperature", "1e-45")
+    assert tiny.returncode == 0 and tiny.stdout == greedy.stdout, tiny.stderr[-2000:]
+
+
+@case("unclear errors", "a prompt that is not UTF-8 (`--prompt $'\\xff'`); a chat line with such bytes",
+      "`--prompt: not valid text: the byte 0xff, which is not UTF-8, at character 1`; chat says so and goes on")
+def prompts_that_are_not_text_are_named(base, tmp, monkeypatch):
+    bad = os.fsdecode(b"a\xff")
+    refused(cli("generate", "--prompt", bad), "error: --prompt: not valid text: the byte 0xff, which is not UTF-8, "
+                                              "at character 1")
+    with pytest.raises(ValueError, match="messages.0..content: not valid text"):
+        Tokenizer.from_pretrained().apply_chat_template([{"role": "user", "content": bad}])
+    chat = cli("chat", "--max-new-tokens", "2", stdin=b"a\xffb\nhello\n")
+    assert chat.returncode == 0 and "error: input: not valid text: the byte 0xff" in chat.stderr.decode()
+    assert chat.stdout.strip(), "the next line was answered"
+
+
 # -------------------------------------------------------------------------------------------- the runs
 @pytest.mark.parametrize("c", CASES, ids=[c.name for c in CASES])
-def test_case(c, base, tmp_path, monkeypatch):
-    c.check(base, tmp_path, monkeypatch)
+def test_case(c, base, tmp_path, monkeypatch, request):
+    extra = [p for p in inspect.signature(c.check).parameters][3:]  # fixtures a case asks for (capsys, ...)
+    c.check(base, tmp_path, monkeypatch, *(request.getfixturevalue(name) for name in extra))
 
 
 _KILLED_CONVERSION = """

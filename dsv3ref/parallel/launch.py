@@ -18,8 +18,11 @@ out of memory, a compilation, or a collective.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -111,6 +114,49 @@ def agree(what: str, failure: BaseException | None, waited: str) -> None:
         raise LaunchError(failed[0][1], quiet=rank != 0)
     raise LaunchError(f"{what} failed on {len(failed)} of {world} ranks: " +
                       "; ".join(f"rank {r}: {text}" for r, text in failed), quiet=rank != 0)
+
+
+IDENTITY_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+"""The files of a checkpoint folder whose per-node copies every rank must agree on before computing."""
+
+
+def checkpoint_identity(path: Path) -> dict[str, object]:
+    """What a rank read of a checkpoint folder's small files: config.json's fields (parsed, so that
+    formatting does not matter) and a sha256 of each tokenizer file ("absent" if there is none)."""
+    identity: dict[str, object] = {}
+    for name in IDENTITY_FILES:
+        file = path / name
+        if not file.is_file():
+            identity[name] = "absent"
+        elif name == "config.json":
+            identity[name] = json.loads(file.read_text())
+        else:
+            identity[name] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return identity
+
+
+def _difference(mine: object, theirs: object) -> str:
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        keys = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k, "<absent>") != theirs.get(k, "<absent>"))
+        return "; ".join(f"{k} {theirs.get(k, '<absent>')!r} against {mine.get(k, '<absent>')!r}" for k in keys[:4])
+    return f"sha256 {str(theirs)[:12]} against {str(mine)[:12]}"
+
+
+def agree_on_files(identity: dict[str, object], where: Path | str) -> None:
+    """Every rank's `identity` (file name -> what it read) compared with rank 0's over the world group:
+    ranks that read different copies of a file (per-node copies that differ) would compute different
+    things, so each rank raises LaunchError naming the first rank and file that differ from rank 0
+    (rank 0 says it, the others exit quietly)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, identity)
+    reference = gathered[0]
+    for other in range(1, world):
+        for name, value in gathered[other].items():
+            if value != reference.get(name):
+                raise LaunchError(f"rank {other} and rank 0 read different {name} of {where} (per-node copies that "
+                                  f"differ?): {_difference(reference.get(name), value)} (rank {other}'s value "
+                                  "first); every rank must read the same checkpoint", quiet=rank != 0)
 
 
 def available_memory(device: torch.device) -> tuple[int, str]:

@@ -390,16 +390,23 @@ def plan(cfg: ModelConfig, world_size: int, layout: str = "tp", gemm_impl: str =
 
 def machine_table(cfg: ModelConfig, batch_size: int = 32, seq_len: int = 4096, *, layouts: str | None = None,
                   gemm_impl: str | None = None, dtype: torch.dtype = torch.bfloat16,
-                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[dict]:
+                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, moe_comm: str | None = None,
+                  gpu_memory_gib: float | None = None) -> list[dict]:
     """The plan on each of MACHINES: one dict per (machine, layout) row, layout "tp" with the all-reduce
-    exchange and "dp" with the all-to-all (or only `layouts`); each machine's GEMMs, or gemm_impl.
+    exchange and "dp" with the all-to-all (or only `layouts`, with `moe_comm`); each machine's GEMMs, or
+    gemm_impl. gpu_memory_gib: instead of MACHINES, nodes of 8 GPUs of that memory (8, 16 and 32 GPUs).
     Sizes in GiB (2^30 bytes), the unit the GPUs report their memory in."""
+    if gpu_memory_gib is None:
+        machines = [(name, nodes * per_node, GPU_MEMORY[gpu] / GIB, gemm)
+                    for name, nodes, per_node, gpu, gemm in MACHINES]
+    else:
+        machines = [(f"{n // 8}x8 {gpu_memory_gib:.1f} GiB", n, gpu_memory_gib, "fp8") for n in (8, 16, 32)]
     rows = []
-    for name, nodes, per_node, gpu, gemm in MACHINES:
+    for name, world, gib, gemm in machines:
         for layout in (layouts,) if layouts else ("tp", "dp"):
-            comm = "alltoall" if layout == "dp" else "allreduce"
-            p = plan(cfg, nodes * per_node, layout, gemm_impl or gemm, GPU_MEMORY[gpu] / GIB, batch_size, seq_len,
-                     prefill_chunk, dtype=dtype, moe_comm=comm)
+            comm = moe_comm or ("alltoall" if layout == "dp" else "allreduce")
+            p = plan(cfg, world, layout, gemm_impl or gemm, gib, batch_size, seq_len, prefill_chunk, dtype=dtype,
+                     moe_comm=comm)
             rows.append({"machine": name, "gemm_impl": gemm_impl or gemm, "layout": layout, "moe_comm": comm,
                          "weights_gib": p.weights / GIB, "cache_gib": p.cache / GIB,
                          "activations_gib": (p.activations + p.derived) / GIB, "used_gib": p.used / GIB,
@@ -410,11 +417,12 @@ def machine_table(cfg: ModelConfig, batch_size: int = 32, seq_len: int = 4096, *
 
 def format_table(rows: list[dict]) -> str:
     """machine_table's rows as a fixed-width text table (GiB)."""
-    head = (f"{'machine':16} {'gemm':4} {'layout':6} {'weights':>8} {'cache':>6} {'act.':>5} {'used':>6} {'GPU':>6} "
+    head = (f"{'machine':16} {'gemm':4} {'layout':6} {'exchange':9} {'weights':>8} {'cache':>6} {'act.':>5} "
+            f"{'used':>6} {'GPU':>6} "
             f"{'cache tokens/GPU':>17} {'cache tokens, all':>18}  fits")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['machine']:16} {r['gemm_impl']:4} {r['layout']:6} {r['weights_gib']:8.1f} "
+        lines.append(f"{r['machine']:16} {r['gemm_impl']:4} {r['layout']:6} {r['moe_comm']:9} {r['weights_gib']:8.1f} "
                      f"{r['cache_gib']:6.1f} {r['activations_gib']:5.1f} {r['used_gib']:6.1f} {r['gpu_gib']:6.1f} "
                      f"{r['tokens_fit_per_gpu']:17,} {r['tokens_fit_total']:18,}  {'yes' if r['fits'] else 'NO'}")
     return "\n".join(lines)

@@ -18,24 +18,22 @@ reads, plus `optimizer.safetensors` and `train_state.json`.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm import tqdm
 
-from dsv3ref.atomic import atomic_save_tensors, atomic_write_text
-from dsv3ref.checkpoint import save_pretrained
 from dsv3ref.config import ModelConfig
 from dsv3ref.model import DeepseekV3
 from dsv3ref.routing import DEFAULT_GAMMA, capture, routers, sequence_balance_loss, update_bias
+from dsv3ref.train.checkpoint import load_checkpoint, save_checkpoint, step_folder
 from dsv3ref.train.data import VOCAB_SIZE, Corpus, batch
 from dsv3ref.train.fp8 import fp8_training_layers
+from dsv3ref.train.run_folder import METRICS_FILE, MetricsLog, claim
 
 BALANCE = ("bias", "aux", "none")
 
@@ -97,9 +95,46 @@ class TrainConfig:
         if self.balance not in BALANCE:
             raise ValueError(f"balance: found {self.balance!r}, expected one of {BALANCE}")
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name}: expected a positive integer, found {value!r}")
+            _check_int(name, getattr(self, name), 1)
+        for name in ("warmup", "save_every"):
+            _check_int(name, getattr(self, name), 0)
+        _check_int("seed", self.seed, 0, 2**32)
+        if self.max_corpus_bytes is not None:
+            _check_int("max_corpus_bytes", self.max_corpus_bytes, 1)
+        _check_number("lr", self.lr, low=0.0, open_low=True)
+        _check_number("min_lr", self.min_lr, low=0.0, high=self.lr)
+        _check_number("grad_clip", self.grad_clip, low=0.0, open_low=True)
+        for name in ("weight_decay", "mtp_lambda", "gamma", "aux_alpha", "seq_alpha"):
+            _check_number(name, getattr(self, name), low=0.0)
+        if self.mtp_lambda_late is not None:
+            _check_number("mtp_lambda_late", self.mtp_lambda_late, low=0.0)
+        _check_number("mtp_switch", self.mtp_switch, low=0.0, high=1.0)
+        for name in ("fp8", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected True or False, found {getattr(self, name)!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device: expected a device such as 'cpu', 'cuda' or 'cuda:1', found {self.device!r}"
+                             ) from None
+        if not isinstance(self.model, dict):
+            raise TypeError(f"model: expected a dict of changes to small_config(), found {type(self.model).__name__}")
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
+    """An integer in [low, high) (high None: no upper bound), else ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
+        span = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{name}: expected an integer {span}, found {value!r}")
+
+
+def _check_number(name: str, value: object, low: float, high: float | None = None, open_low: bool = False) -> None:
+    """A finite number >= low (> low if open_low) and <= high, else ValueError naming the field."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if open_low else value >= low) and (high is None or value <= high))
+    if not ok:
+        span = f"{'>' if open_low else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+        raise ValueError(f"{name}: expected a finite number {span}, found {value!r}")
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -171,83 +206,73 @@ def _optimizer(model: DeepseekV3, cfg: TrainConfig) -> torch.optim.AdamW:
                               {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), foreach=False)
 
 
-def save_checkpoint(folder: Path, model: DeepseekV3, optimizer: torch.optim.AdamW, step: int, cfg: TrainConfig) -> None:
-    """The model in the published format, the optimizer's moments, and where the run stands."""
-    save_pretrained(model, folder)
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors, steps = {}, {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            state = optimizer.state.get(p)
-            if state:
-                tensors[f"{names[id(p)]}.exp_avg"] = state["exp_avg"].contiguous()
-                tensors[f"{names[id(p)]}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
-                steps[names[id(p)]] = float(state["step"])
-    atomic_save_tensors(folder / "optimizer.safetensors", tensors)
-    atomic_write_text(folder / "train_state.json", json.dumps(
-        {"step": step, "adam_steps": steps, "config": dataclasses.asdict(cfg)}, indent=1) + "\n")
+def train(cfg: TrainConfig, resume: str | Path | None = None, corpus: Corpus | None = None,
+          allow_changes: tuple[str, ...] = ()) -> dict:
+    """Run training; returns the final metrics. Writes `metrics.jsonl` and checkpoints to cfg.out_dir.
 
-
-def load_checkpoint(folder: Path, model: DeepseekV3, optimizer: torch.optim.AdamW) -> int:
-    """Restore a save_checkpoint folder into a run's model and optimizer; returns the step to continue from."""
-    folder = Path(folder)
-    state = json.loads((folder / "train_state.json").read_text())
-    weights = DeepseekV3.from_pretrained(folder).state_dict()
-    missing = model.load_state_dict(weights, strict=False)
-    if missing.missing_keys:
-        raise ValueError(f"{folder}: checkpoint lacks {missing.missing_keys[:3]} of this run's model")
-    moments = load_file(folder / "optimizer.safetensors")
-    params = dict(model.named_parameters())
-    for name, adam_step in state["adam_steps"].items():
-        p = params[name]
-        optimizer.state[p] = {"step": torch.tensor(adam_step), "exp_avg": moments[f"{name}.exp_avg"].clone(),
-                              "exp_avg_sq": moments[f"{name}.exp_avg_sq"].clone()}
-    return int(state["step"])
-
-
-def train(cfg: TrainConfig, resume: str | Path | None = None, corpus: Corpus | None = None) -> dict:
-    """Run training; returns the final metrics. Writes `metrics.jsonl` and checkpoints to cfg.out_dir."""
+    resume: a checkpoint folder of this run (`step_NNNNNN/`) to continue from; the run's configuration
+    must equal the saved one in every field that changes the trajectory, except the fields named in
+    allow_changes (said on stderr). The run stops with FloatingPointError naming the step at the first
+    non-finite loss, gradient norm or metric, before the optimizer step (nothing non-finite is saved).
+    The run folder's rules (never overwritten, never written through a link): dsv3ref.train.run_folder.
+    """
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {cfg.device!r}, but torch finds no CUDA GPU on this machine")
     corpus = corpus or Corpus.stdlib(cfg.max_corpus_bytes)
+    for split, data in (("training", corpus.train), ("validation", corpus.validation)):
+        if data.numel() <= cfg.seq_len:
+            raise ValueError(f"seq_len: {cfg.seq_len} bytes, but the corpus's {split} split holds only {data.numel()} "
+                             "(raise max_corpus_bytes, or shorten seq_len)")
     model = build_model(cfg)
     optimizer = _optimizer(model, cfg)
-    start = load_checkpoint(Path(resume), model, optimizer) if resume else 0
-    metrics_file = out / "metrics.jsonl"
-    log = metrics_file.open("a" if resume else "w")
+    start, notes = load_checkpoint(Path(resume), model, optimizer, cfg, allow_changes) if resume else (0, [])
+    rows = claim(out, Path(resume) if resume else None, start)
+    for note in notes:
+        print(note, file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(out / METRICS_FILE, rows)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not cfg.progress, desc="train")
     tokens, t0, last = 0, time.perf_counter(), {}
-    for step in bar:
-        lr = learning_rate(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        ids = batch(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, step).to(cfg.device)
-        late = cfg.mtp_lambda_late is not None and step >= cfg.mtp_switch * cfg.steps
-        with capture(model, grad=cfg.balance == "aux" or bool(cfg.seq_alpha)) as records:
-            losses = model.loss(ids, cfg.mtp_lambda_late if late else cfg.mtp_lambda)
-            extra = balance_loss(records, cfg, cfg.batch_size)
-        loss = losses["loss"] + extra.to(losses["loss"].device)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        optimizer.step()
-        loads = {layer: sum(r.counts for r in recs).cpu() for layer, recs in records.items()}
-        if cfg.balance == "bias":
-            for layer, router in routers(model).items():
-                update_bias(router.e_score_correction_bias, loads[layer].to(cfg.device), cfg.gamma)
-        tokens += ids.numel()
-        row = {"step": step + 1, "lr": lr, "loss": losses["main"].item(), "mtp_loss": losses["mtp"].item(),
-               "balance_loss": extra.item(), "grad_norm": grad_norm,
-               "maxvio": sum(max_violation(v) for v in loads.values()) / len(loads)}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            row.update(evaluate(model, corpus.validation, cfg))
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-        last = row
-        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(out / f"step_{step + 1:06d}", model, optimizer, step + 1, cfg)
-    log.close()
-    save_checkpoint(out / f"step_{cfg.steps:06d}", model, optimizer, cfg.steps, cfg)
+    try:
+        for step in bar:
+            lr = learning_rate(cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ids = batch(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, step).to(cfg.device)
+            late = cfg.mtp_lambda_late is not None and step >= cfg.mtp_switch * cfg.steps
+            with capture(model, grad=cfg.balance == "aux" or bool(cfg.seq_alpha)) as records:
+                losses = model.loss(ids, cfg.mtp_lambda_late if late else cfg.mtp_lambda)
+                extra = balance_loss(records, cfg, cfg.batch_size)
+            loss = losses["loss"] + extra.to(losses["loss"].device)
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"step {step + 1}: the loss is {float(loss)}; stopping before the optimizer "
+                                         "step (no checkpoint of this step is written)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(f"step {step + 1}: the gradient norm is {grad_norm}; stopping before the "
+                                         "optimizer step (no checkpoint of this step is written)")
+            optimizer.step()
+            loads = {layer: sum(r.counts for r in recs).cpu() for layer, recs in records.items()}
+            if cfg.balance == "bias":
+                for layer, router in routers(model).items():
+                    update_bias(router.e_score_correction_bias, loads[layer].to(cfg.device), cfg.gamma)
+            tokens += ids.numel()
+            row = {"step": step + 1, "lr": lr, "loss": losses["main"].item(), "mtp_loss": losses["mtp"].item(),
+                   "balance_loss": extra.item(), "grad_norm": grad_norm,
+                   "maxvio": sum(max_violation(v) for v in loads.values()) / len(loads)}
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                row.update(evaluate(model, corpus.validation, cfg))
+            log.add(row)
+            last = row
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+            if step + 1 == cfg.steps or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                log.write()
+                save_checkpoint(step_folder(out, step + 1), model, optimizer, step + 1, cfg)
+    finally:
+        bar.close()
+        log.write()
     last["tokens_per_second"] = tokens / (time.perf_counter() - t0)
     return last

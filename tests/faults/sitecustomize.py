@@ -2,7 +2,9 @@
 DSV3REF_TEST_FAULT="slow_load:RANK:SECONDS" makes that rank's first read of tensor data wait SECONDS;
 "die_loading:RANK" makes that rank vanish there, "die_generating:RANK" at its first sampled token
 (status 0 both, so that torchrun does not stop the others: what the ranks of another node see when
-that node is lost). Not part of dsv3ref: a test's stand-in for a slow disk or a lost node."""
+that node is lost); "other_copy:RANK:DIR" makes that rank read --ckpt-path DIR instead (a node whose
+copy of the checkpoint differs). Not part of dsv3ref: a test's stand-in for a slow disk, a lost node
+or a node's stale copy."""
 
 import builtins
 import os
@@ -62,6 +64,9 @@ if _mine and _fault[0] in ("slow_load", "die_loading"):
             return self.inner.get_tensor(name)
 
     safetensors.safe_open = _Handle
+
+if _mine and _fault[0] == "other_copy" and "--ckpt-path" in sys.argv:
+    sys.argv[sys.argv.index("--ckpt-path") + 1] = _fault[2]
 
 if _mine and _fault[0] == "die_generating":
     _import = builtins.__import__
