@@ -119,6 +119,13 @@ def compiled_steps(model: DeepseekV3) -> dict[str, Callable]:
     return model.compiled_steps
 
 
+def compiled_cache_length(model: DeepseekV3, needed: int) -> int:
+    """A compiled step is specialized to its cache's size: round `needed` up to COMPILE_CACHE_BUCKET
+    (at most max_position_embeddings, never below what is needed), so that calls share graphs."""
+    bucketed = -(-needed // COMPILE_CACHE_BUCKET) * COMPILE_CACHE_BUCKET
+    return max(needed, min(bucketed, model.config.max_position_embeddings))
+
+
 def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, eos: set[int],
            stream, compile: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pad_to: int = 0
            ) -> tuple[list[list[int]], list[bool], dict, KVCache]:
@@ -130,8 +137,8 @@ def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sam
     for b, p in enumerate(prompts):
         padded[b, : len(p)] = torch.tensor(p, device=device)
     length = longest + max_new_tokens
-    if compile:  # a compiled step is specialized to its cache's size: round it up, so that calls share graphs
-        length = min(-(-length // COMPILE_CACHE_BUCKET) * COMPILE_CACHE_BUCKET, model.config.max_position_embeddings)
+    if compile:
+        length = compiled_cache_length(model, length)
     cache = model.new_cache(batch, length)
 
     start = time.perf_counter()
@@ -255,8 +262,10 @@ def generate(
                 return tok in eos
 
             main_pass = compiled_steps(model)["verify"] if compile else model.hidden_states
+            needed = len(prompt) + max_new_tokens + len(model.mtp_layers)
             out, done, stats, _ = speculative_decode(model, prompt, max_new_tokens, sampler, eos, emit, main_pass,
-                                                     prefill_chunk)
+                                                     prefill_chunk,
+                                                     compiled_cache_length(model, needed) if compile else None)
             tokens.append(out)
             finished.append(done)
             for key, value in stats.items():

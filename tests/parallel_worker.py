@@ -84,8 +84,13 @@ def compare(model: DeepseekV3, ref: DeepseekV3, parallel: Parallel, rank: int, w
     g = torch.Generator().manual_seed(11)
     vocab = ref.config.vocab_size
     result = {}
+    # every id on a boundary of the vocabulary's split (ends of each rank's rows, however the split
+    # rounds) appears in the inputs, with the first and the last id
+    edges = {0, vocab - 1} | {min(max(r * step + d, 0), vocab - 1) for step in (vocab // world, -(-vocab // world))
+                              for r in range(1, world) for d in (-1, 0, 1)}
     if parallel.layout == "tp":  # every rank the same batch
         ids = torch.randint(0, vocab, (3, 9), generator=g)
+        ids.view(-1)[: len(edges)] = torch.tensor(sorted(edges))
         errs = [rel_err(model(ids), ref(ids))]
         caches = [m.new_cache(3, 16) for m in (model, ref)]
         start = torch.tensor([0, 0, 0])
@@ -107,6 +112,9 @@ def compare(model: DeepseekV3, ref: DeepseekV3, parallel: Parallel, rank: int, w
             result["speculative_equal"] = spec.tokens == want[:1]
     else:  # data-parallel attention: rank r holds its own rows, of its own length
         rows = torch.randint(0, vocab, (2 * world + 1, 8), generator=g)
+        head = rows[:, :3].reshape(-1)  # the columns every prompt below holds
+        head[: len(edges)] = torch.tensor(sorted(edges))
+        rows[:, :3] = head.view(-1, 3)
         n_rows = 2 if rank < world - 1 else 3
         first = 2 * rank
         mine = rows[first:first + n_rows, : 5 + rank]
@@ -118,6 +126,17 @@ def compare(model: DeepseekV3, ref: DeepseekV3, parallel: Parallel, rank: int, w
         # ranks hold 2 or 3 rows of different lengths: prefilled 4 tokens a pass, all ranks in step
         chunked = generate_data_parallel(model, prompts, 5, eos_token_id=[], prefill_chunk=4)
         result["chunked_equal"] = chunked.tokens == want
+        # fewer prompts than ranks (a rank holds none) and real end tokens: one that ends row 0 early (its
+        # third token), then one that is the last allowed token of the last row (it still counts as finished)
+        few = prompts[: world - 1]
+        plain = [generate(ref, [p], 5, eos_token_id=[]).tokens[0] for p in few]
+        equal, cases = True, []
+        for eos, n in (([plain[0][2]], 5), ([plain[-1][0]], 1)):
+            single = generate(ref, few, n, eos_token_id=eos)
+            dp = generate_data_parallel(model, few, n, eos_token_id=eos)
+            equal &= (dp.tokens, dp.finished) == (single.tokens, single.finished)
+            cases.append(single.tokens[-1] == eos and single.finished[-1] if n == 1 else len(single.tokens[0]) < 5)
+        result["few_equal"], result["eos_cases"] = equal, cases
     errs = [None] * world
     dist.all_gather_object(errs, result["logits_rel_err"])
     result["logits_rel_err"] = max(errs)

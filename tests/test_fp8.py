@@ -439,3 +439,35 @@ def test_scaled_mm_linear_lays_out_its_weight_once_and_notices_new_weights():
     with torch.no_grad():
         layer.weight_scale_inv.mul_(2)
     assert rel_err(layer(x), fp8_matmul(xq, xs, q, 2 * s)) < 1e-6  # new scales are seen
+
+
+def _tiles_by_hand(t: torch.Tensor, rows: int, cols: int, ue8m0: bool = True) -> torch.Tensor:
+    """t (float64) quantized in tiles of rows x cols, scale amax / 448 (rounded up to a power of two with
+    ue8m0: UE8M0), each value rounded to E4M3 by torch's cast, and dequantized: float64, t's shape."""
+    out = torch.empty_like(t)
+    for r in range(0, t.shape[0], rows):
+        for c in range(0, t.shape[1], cols):
+            tile = t[r:r + rows, c:c + cols]
+            scale = float(tile.abs().max().float()) / 448.0
+            if ue8m0:
+                scale = 2.0 ** math.ceil(math.log2(scale))
+            out[r:r + rows, c:c + cols] = (tile.float() / scale).to(torch.float8_e4m3fn).double() * scale
+    return out
+
+
+@pytest.mark.parametrize("kernel", ["emulate", "scaled_mm"])
+def test_an_ue8m0_fp8_linear_quantizes_its_activations_with_power_of_two_scales_too(kernel):
+    """DeepSeek-V3.1's configs (scale_fmt "ue8m0") ask for power-of-two scales on weights and on the 1x128
+    activation tiles alike: the layer's output is the float64 product of both, tiled by hand."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 300, generator=g, dtype=torch.float64) * 3
+    w = torch.randn(200, 300, generator=g, dtype=torch.float64) * 0.05
+    layer = FP8Linear(300, 200, scale_fmt="ue8m0", kernel=kernel)
+    q, s = quantize_weight(w.float(), scale_fmt="ue8m0")
+    layer.weight.copy_(q)
+    layer.weight_scale_inv.copy_(s)
+    w_deq = _tiles_by_hand(w, 128, 128)
+    expected = _tiles_by_hand(x, 1, 128) @ w_deq.T
+    assert rel_err(layer(x.float()), expected) < 1e-6  # float32 accumulation of exact products
+    # the activations' scale format is visible: amax / 448 tile scales give another product
+    assert rel_err(_tiles_by_hand(x, 1, 128, ue8m0=False) @ w_deq.T, expected) > 1e-3

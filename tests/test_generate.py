@@ -1,12 +1,14 @@
 """Generation: greedy decoding against HF's generate, batches of mixed lengths, EOS per row,
 seeded sampling and its filters."""
 
+import math
+
 import pytest
 import torch
 from helpers import hf_model, random_dsv3ref, tiny_config
 
 from dsv3ref import DeepseekV3, generate
-from dsv3ref.sampling import filter_logits
+from dsv3ref.sampling import Sampler, filter_logits
 
 
 @pytest.mark.parametrize("seed,changes", [(5, dict()), (6, dict(q_lora_rank=None, n_group=1, topk_group=1)),
@@ -81,3 +83,37 @@ def test_top_k_top_p_sample_only_allowed_tokens():
     # top_p=0.8: 0.5 alone is below 0.8, 0.5 + 0.3 reaches it -> keep the first two
     assert torch.isinf(filter_logits(logits, 0, 0.8)).tolist() == [[False, False, True, True]]
     assert torch.isinf(filter_logits(logits, 0, 0.81)).tolist() == [[False, False, False, True]]
+
+
+def _probs_by_hand(row: list[float], temperature: float, top_k: int, top_p: float) -> list[float]:
+    """The sampling distribution written out in float64: logits / T, keep the top_k largest (0: all),
+    then the smallest set of the most likely whose probability (after top-k, renormalized) reaches
+    top_p, then the softmax over what is kept."""
+    z = [x / temperature for x in row]
+    order = sorted(range(len(z)), key=lambda i: -z[i])
+    kept = order[:top_k] if top_k else order
+    mass = [math.exp(z[i] - z[kept[0]]) for i in kept]
+    total = sum(mass)
+    chosen, above = [], 0.0
+    for i, m in zip(kept, mass, strict=True):
+        if above >= top_p:  # the probability ranked above this token already reaches top_p
+            break
+        chosen.append(i)
+        above += m / total
+    norm = sum(math.exp(z[i] - z[kept[0]]) for i in chosen)
+    return [math.exp(z[i] - z[kept[0]]) / norm if i in chosen else 0.0 for i in range(len(z))]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.7), (4, 0.6)])
+def test_sampler_probabilities_equal_softmax_of_filtered_logits_over_t_by_hand(temperature, top_k, top_p):
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 10, generator=g) * 2  # distinct values: no ties at the cut
+    got = Sampler(temperature, top_k, top_p, generator=None).probs(logits)
+    for row in range(3):
+        expected = _probs_by_hand(logits[row].tolist(), temperature, top_k, top_p)
+        assert got[row].tolist() == pytest.approx(expected, abs=1e-6)  # float32 softmax: 1e-7 relative
+    # the temperature matters where the filter cuts by probability: T = 2 keeps more tokens than T = 0.5
+    if top_p < 1:
+        kept = [int((Sampler(t, top_k, top_p, None).probs(logits) > 0).sum()) for t in (0.5, 2.0)]
+        assert kept[0] < kept[1], kept

@@ -98,3 +98,20 @@ def test_float64_naive_and_absorbed_agree_to_1e12(order):
     ids = torch.randint(0, cfg.vocab_size, (2, 25))
     with torch.no_grad():
         assert rel_err(absorb(ids), naive(ids)) < 1e-12
+
+
+def test_bf16_attention_takes_its_softmax_in_float32_as_deepseek_does():
+    """DeepSeek's MLA (and HF's eager attention) compute bf16 scores, then
+    softmax(scores * scale, dim=-1, dtype=float32) cast back to bf16: written out here, it must equal
+    dsv3ref's bf16 naive attention bit for bit (a softmax taken in bf16 rounds scores * scale first)."""
+    cfg = tiny_config()
+    mla = MLA(cfg).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(9)
+    q = (torch.randn(2, 7, cfg.num_attention_heads, cfg.qk_head_dim, generator=g) * 3).to(torch.bfloat16)
+    k = (torch.randn(2, 7, cfg.num_attention_heads, cfg.qk_head_dim, generator=g) * 3).to(torch.bfloat16)
+    v = torch.randn(2, 7, cfg.num_attention_heads, cfg.v_head_dim, generator=g).to(torch.bfloat16)
+    mask = torch.ones(7, 7, dtype=torch.bool).tril().expand(2, 7, 7)
+    scores = torch.einsum("bthd,bshd->bhts", q, k)  # bf16, as the model computes them
+    probs = (scores.float() * softmax_scale(cfg)).masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+    expected = torch.einsum("bhts,bshd->bthd", probs.to(torch.bfloat16), v).flatten(2)
+    assert torch.equal(mla.attend_naive(q, k, v, mask), expected)

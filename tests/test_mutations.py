@@ -1,6 +1,6 @@
 """The mutation check (tools/mutate.py) stays usable and its report stays current.
 
-Running every mutation takes about 15 minutes, so CI does not; it checks that each curated bug
+Running every mutation takes about 5 minutes, so CI does not; it checks that each curated bug
 still applies to the current source (so the list cannot silently rot) and that docs/mutations.md
 reports exactly these mutations, all caught.
 """

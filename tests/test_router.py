@@ -175,3 +175,23 @@ def test_sequence_balance_loss_averages_sequences():
     uniform = torch.ones(1, 8, 8)
     balanced = torch.arange(8).reshape(1, 8, 1)
     assert routing.sequence_balance_loss(uniform, balanced, alpha=1.0).item() == pytest.approx(1.0)
+
+
+def test_a_bf16_model_keeps_the_bias_in_float32_and_routes_as_float32_says():
+    """Cast to bf16, the bias stays float32 (DeepSeek's Gate keeps it so): with equal scores the choice
+    rests on bias differences of 1e-4, below bf16's resolution near 0.3 (2^-9), so a bias rounded to
+    bf16 would tie and choose by index; the choice must be the brute-force one on the float32 bias."""
+    cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2)
+    model = dsv3ref.DeepseekV3(cfg)
+    router = next(m for m in model.modules() if isinstance(m, Router))
+    bias = torch.tensor([0.3, 0.3004, 0.3001, 0.3005, 0.3003, 0.3006, 0.3002, 0.3007])
+    with torch.no_grad():
+        router.weight.zero_()  # every score sigmoid(0) = 0.5: only the bias tells experts apart
+        router.e_score_correction_bias.copy_(bias)
+    model.to(torch.bfloat16)
+    assert router.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(router.e_score_correction_bias, bias)
+    _, ids = router(torch.randn(4, cfg.hidden_size).to(torch.bfloat16))
+    expected = brute_force_route([0.5] * 8, bias.double().tolist(), 2, 4, 2, "noaux_tc")
+    assert all(sorted(row) == sorted(expected) for row in ids.tolist()), (ids.tolist(), expected)
+    assert bias.to(torch.bfloat16).unique().numel() < 8  # bf16 would indeed merge some of them

@@ -4,17 +4,21 @@ gradients equal float64 autograd of the same quantized computation."""
 from __future__ import annotations
 
 import json
+import math
+import sysconfig
 
 import pytest
 import torch
 from helpers import rel_err
+from safetensors.torch import load_file
 
 from dsv3ref import DeepseekV3, generate
 from dsv3ref.fp8 import dequantize_weight, quantize_activation, quantize_weight
-from dsv3ref.routing import update_bias
+from dsv3ref.router import RoutingRecord
+from dsv3ref.routing import capture, routers, update_bias
 from dsv3ref.train import Corpus, FP8LinearFunction, TrainConfig, learning_rate, max_violation, train
 from dsv3ref.train.data import batch, decode, encode, is_validation, stdlib_files
-from dsv3ref.train.loop import build_model, evaluate
+from dsv3ref.train.loop import balance_loss, build_model, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +40,25 @@ def test_the_corpus_is_the_standard_library_split_by_file(corpus):
     assert len(files) > 200 and all(p.suffix == ".py" for p in files)
     assert corpus.files[0] > 0 and corpus.files[1] > 0
     assert corpus.train.dtype == torch.uint8 and corpus.validation.numel() > 10_000
-    assert is_validation("json/decoder.py") == is_validation("json/decoder.py")  # a pure function of the path
+    # one file in VALIDATION_EVERY = 20 goes to validation, decided by its path: about 5% of the files
+    names = [p.relative_to(sysconfig.get_paths()["stdlib"]).as_posix() for p in files]
+    share = sum(map(is_validation, names)) / len(names)
+    assert 0.03 < share < 0.07, share
     assert decode(encode("héllo")) == "héllo"
-    assert torch.equal(batch(corpus.train, 2, 16, seed=1, step=5), batch(corpus.train, 2, 16, seed=1, step=5))
+    rows = batch(corpus.train, 4, 16, seed=1, step=5)
+    data = bytes(corpus.train.tolist())
+    assert rows.dtype == torch.int64 and all(bytes(r.tolist()) in data for r in rows)  # windows of the corpus
+    assert not torch.equal(rows, batch(corpus.train, 4, 16, seed=1, step=6))  # each step its own windows
 
 
-def test_schedule_warms_up_then_decays_to_min_lr():
-    cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr=1e-4)
-    assert learning_rate(cfg, 0) == pytest.approx(1e-4) and learning_rate(cfg, 9) == pytest.approx(1e-3)
-    assert learning_rate(cfg, 55) == pytest.approx(0.55e-3)  # halfway down the cosine
-    assert learning_rate(cfg, 100) == pytest.approx(1e-4)
+def test_schedule_warms_up_linearly_peaks_once_and_decays_by_the_cosine_to_min_lr():
+    cfg = TrainConfig(steps=12, warmup=4, lr=1.0, min_lr=0.1)
+    # written out: (s + 1) / warmup during warmup, then min + (lr - min) / 2 * (1 + cos(pi * (s - 4) / 8))
+    expected = [0.25, 0.5, 0.75, 1.0] + [0.1 + 0.45 * (1 + math.cos(math.pi * (s - 4) / 8)) for s in range(4, 13)]
+    got = [learning_rate(cfg, s) for s in range(13)]
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert max(got) == 1.0 and got[3] == got[4] == 1.0  # the peak is lr, at the warmup boundary, never above
+    assert got[8] == pytest.approx(0.55) and got[12] == pytest.approx(0.1)
 
 
 def test_bias_update_follows_the_sign_rule():
@@ -56,31 +69,141 @@ def test_bias_update_follows_the_sign_rule():
     assert max_violation(torch.tensor([10.0, 2.0, 4.0, 4.0])) == pytest.approx(10 / 5 - 1)
 
 
-def test_training_lowers_the_validation_loss_and_resumes_bit_for_bit(corpus, tmp_path):
+def test_training_lowers_the_validation_loss(corpus, tmp_path):
     torch.set_num_threads(1)
-    common = dict(steps=40, batch_size=8, seq_len=64, eval_every=20, eval_batches=2, warmup=5, save_every=20,
-                  progress=False, model=_tiny())
+    common = dict(steps=40, batch_size=8, seq_len=64, eval_every=20, eval_batches=2, warmup=5, progress=False,
+                  model=_tiny())
     full = train(TrainConfig(out_dir=str(tmp_path / "full"), **common), corpus=corpus)
     rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     start = TrainConfig(out_dir=str(tmp_path / "x"), **common)
     untrained = evaluate(build_model(start), corpus.validation, start)
     assert full["val_loss"] < 0.7 * untrained["val_loss"], (full["val_loss"], untrained["val_loss"])  # 5.5 -> ~3
-    # resume from the mid-run checkpoint: the same final weights, bit for bit
-    resumed = train(TrainConfig(out_dir=str(tmp_path / "resumed"), **common), corpus=corpus,
-                    resume=tmp_path / "full" / "step_000020")
-    a = DeepseekV3.from_pretrained(tmp_path / "full" / "step_000040").state_dict()
-    b = DeepseekV3.from_pretrained(tmp_path / "resumed" / "step_000040").state_dict()
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    assert resumed["val_loss"] == full["val_loss"] and len(rows) == 40
+    assert [r["step"] for r in rows] == list(range(1, 41))
 
 
-def test_the_bias_update_balances_the_experts_better_than_nothing(corpus, tmp_path):
+def _run(tmp_path, name: str, **changes) -> TrainConfig:
+    """A run of the small test model; its defaults: 8 x 32 tokens, warmup 5, no evaluation until the end."""
+    settings = dict(out_dir=str(tmp_path / name), steps=1, batch_size=8, seq_len=32, eval_every=1000, eval_batches=1,
+                    warmup=5, progress=False, model=_tiny())
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def _adamw_step(model: DeepseekV3, ids: torch.Tensor, cfg: TrainConfig, step: int, moments: dict | None = None,
+                adam_steps: dict | None = None) -> tuple[dict, float]:
+    """One step of the loop written out from its definition, in float64 after the gradient:
+    loss = L_main + lambda / D * sum_k L^k (eqs. 24-25); the gradient clipped to total norm grad_clip
+    (coefficient clip / (norm + 1e-6), at most 1); AdamW (betas 0.9, 0.95, eps 1e-8) with decoupled
+    weight decay on every weight but the RMSNorm gains; the learning rate of `step` in the warmup.
+    Returns (name -> (new parameter, exp_avg, exp_avg_sq) for the parameters that get a gradient,
+    the clip coefficient)."""
+    assert step < cfg.warmup  # the written-out learning rate below is the warmup's
+    lr = cfg.lr * (step + 1) / cfg.warmup
+    params = dict(model.named_parameters())
+    out = model.loss(ids, 0.0)  # lambda 0: the main loss and the per-depth losses, nothing mixed
+    total = out["main"] + cfg.mtp_lambda / len(out["mtp_per_depth"]) * out["mtp_per_depth"].sum()
+    grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
+    grads = {n: g.double() for n, g in zip(params, grads, strict=True) if g is not None}
+    norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    coef = min(1.0, cfg.grad_clip / (norm + 1e-6))
+    moments, adam_steps = moments or {}, adam_steps or {}
+    new = {}
+    for name, g in grads.items():
+        g = g * coef
+        t = adam_steps.get(name, 0) + 1
+        m = 0.9 * moments.get(f"{name}.exp_avg", torch.zeros_like(g)).double() + 0.1 * g
+        v = 0.95 * moments.get(f"{name}.exp_avg_sq", torch.zeros_like(g)).double() + 0.05 * g * g
+        decay = 0.0 if name.endswith("norm.weight") else cfg.weight_decay
+        p = params[name].detach().double() * (1 - lr * decay) - lr * (m / (1 - 0.9**t)) / (
+            (v / (1 - 0.95**t)).sqrt() + 1e-8)
+        new[name] = (p, m, v)
+    return new, coef
+
+
+def _assert_step_equal(folder, expected: dict, lr: float) -> None:
+    """The loop's checkpoint equals the written-out step: parameters within float32 rounding of the
+    update (1e-6 of it, plus 1e-6 of the weight), moments within 1e-5 of their largest value."""
+    weights, moments = load_file(folder / "model.safetensors"), load_file(folder / "optimizer.safetensors")
+    assert {k.rsplit(".", 1)[0] for k in moments} == set(expected)
+    for name, (p, m, v) in expected.items():
+        assert (weights[name].double() - p).abs().max() <= 1e-6 * lr + 1e-6 * p.abs().max(), name
+        for got, want in ((moments[f"{name}.exp_avg"], m), (moments[f"{name}.exp_avg_sq"], v)):
+            assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max() + 1e-30, name
+
+
+def test_the_first_step_is_clipped_adamw_on_main_plus_lambda_over_d_mtp(corpus, tmp_path):
     torch.set_num_threads(1)
-    common = dict(steps=60, batch_size=8, seq_len=64, eval_every=60, eval_batches=2, warmup=5, progress=False,
-                  model=_tiny(), gamma=0.01)
-    bias = train(TrainConfig(out_dir=str(tmp_path / "b"), balance="bias", **common), corpus=corpus)
-    none = train(TrainConfig(out_dir=str(tmp_path / "n"), balance="none", **common), corpus=corpus)
-    assert bias["val_maxvio"] < none["val_maxvio"], (bias["val_maxvio"], none["val_maxvio"])
+    cfg = _run(tmp_path, "one", grad_clip=1e-3, mtp_lambda=0.3, weight_decay=0.1, lr=1e-2)
+    expected, coef = _adamw_step(build_model(cfg), batch(corpus.train, 8, 32, cfg.seed, 0), cfg, step=0)
+    assert coef < 0.01  # the clip really acts (the gradient's norm is about 3)
+    train(cfg, corpus=corpus)
+    _assert_step_equal(tmp_path / "one" / "step_000001", expected, lr=cfg.lr / cfg.warmup)
+
+
+def test_a_resumed_step_is_adamw_continued_from_the_saved_moments(corpus, tmp_path):
+    torch.set_num_threads(1)
+    cfg = _run(tmp_path, "run", steps=3, save_every=2, grad_clip=0.5)
+    train(cfg, corpus=corpus)
+    saved = tmp_path / "run" / "step_000002"
+    state = json.loads((saved / "train_state.json").read_text())
+    model = build_model(cfg)
+    model.load_state_dict(DeepseekV3.from_pretrained(saved).state_dict())
+    expected, _ = _adamw_step(model, batch(corpus.train, 8, 32, cfg.seed, 2), cfg, step=2,
+                              moments=load_file(saved / "optimizer.safetensors"), adam_steps=state["adam_steps"])
+    # the uninterrupted run's third step, and the same step resumed in another folder, are that step
+    _assert_step_equal(tmp_path / "run" / "step_000003", expected, lr=cfg.lr * 3 / cfg.warmup)
+    train(_run(tmp_path, "resumed", steps=3, save_every=2, grad_clip=0.5), resume=saved, corpus=corpus)
+    _assert_step_equal(tmp_path / "resumed" / "step_000003", expected, lr=cfg.lr * 3 / cfg.warmup)
+
+
+def test_the_late_mtp_weight_starts_at_its_switch_step(corpus, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    used = []
+    real = DeepseekV3.loss
+
+    def recording(self, ids, mtp_lambda=0.3):
+        if self.training:
+            used.append(mtp_lambda)
+        return real(self, ids, mtp_lambda)
+    monkeypatch.setattr(DeepseekV3, "loss", recording)
+    train(_run(tmp_path, "late", steps=25, batch_size=1, seq_len=8, mtp_lambda=0.3, mtp_lambda_late=0.1,
+               mtp_switch=0.68), corpus=corpus)
+    assert used == [0.3] * 17 + [0.1] * 8  # step s (0-based) is late from s >= 0.68 * 25 = 17
+
+
+def test_the_classic_auxiliary_loss_by_hand():
+    g = torch.Generator().manual_seed(1)
+    t, e, k, alpha = 12, 6, 2, 0.1
+    scores = torch.rand(t, e, generator=g, dtype=torch.float64)
+    ids = scores.topk(k, dim=-1).indices
+    record = RoutingRecord(scores=scores, groups=torch.zeros(t, 1, dtype=torch.long), ids=ids,
+                           weights=torch.ones(t, k, dtype=torch.float64),
+                           counts=torch.bincount(ids.flatten(), minlength=e))
+    expected = 0.0
+    for i in range(e):  # alpha * sum_i f_i P_i: f_i = E / (K T) * tokens choosing i, P_i = mean_t s_i,t / sum_j s_j,t
+        f = e / (k * t) * sum(int(i in ids[row].tolist()) for row in range(t))
+        p = sum(float(scores[row, i] / scores[row].sum()) for row in range(t)) / t
+        expected += alpha * f * p
+    got = balance_loss({1: [record]}, TrainConfig(balance="aux", aux_alpha=alpha), batch_size=1)
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+
+
+def test_each_step_moves_every_router_bias_by_gamma_against_its_load(corpus, tmp_path):
+    torch.set_num_threads(1)
+    cfg = _run(tmp_path, "b", gamma=0.01, balance="bias")
+    model = build_model(cfg)
+    with capture(model) as records, torch.no_grad():
+        model.loss(batch(corpus.train, 8, 32, cfg.seed, 0), cfg.mtp_lambda)
+    train(cfg, corpus=corpus)
+    after = DeepseekV3.from_pretrained(tmp_path / "b" / "step_000001")
+    for layer, router in routers(after).items():
+        n = router.e_score_correction_bias.numel()
+        load = sum(torch.bincount(r.ids.flatten(), minlength=n) for r in records[layer]).double()
+        expected = 0.01 * torch.sign(load.mean() - load)  # the bias starts at zero
+        assert torch.equal(router.e_score_correction_bias, expected.float()), layer
+    train(_run(tmp_path, "n", balance="none"), corpus=corpus)
+    assert not any(r.e_score_correction_bias.any() for r in routers(DeepseekV3.from_pretrained(
+        tmp_path / "n" / "step_000001")).values())
 
 
 def test_fp8_gradients_equal_float64_autograd_of_the_same_quantized_computation():
@@ -114,13 +237,21 @@ def test_fp8_gradients_equal_float64_autograd_of_the_same_quantized_computation(
 
 
 def test_a_short_fp8_run_stays_close_to_float32(corpus, tmp_path):
+    """Bounds from what E4M3 allows, measured over seeds 0-3: each operand rounded to 3 mantissa bits
+    (relative error up to 2^-4 an element, averaging out over 64-128 products) moves the first step's
+    loss by at most 2.2e-4 (bound 1e-3) and its gradient norm by at most 0.4% (bound 1e-2); 20 steps
+    later the validation loss differs by 0.04% at seed 0 and at most 0.74% over seeds 0-2 (bound 1%),
+    where another seed alone moves it by 0.6-3%."""
     torch.set_num_threads(1)
     common = dict(steps=20, batch_size=4, seq_len=64, eval_every=20, eval_batches=2, warmup=5, progress=False,
                   model=_tiny())
     f32 = train(TrainConfig(out_dir=str(tmp_path / "f"), **common), corpus=corpus)
     fp8 = train(TrainConfig(out_dir=str(tmp_path / "q"), fp8=True, **common), corpus=corpus)
-    # 20 steps from the same start and batches: FP8's quantization error moves the loss by about 1%
-    assert abs(fp8["val_loss"] - f32["val_loss"]) / f32["val_loss"] < 0.03, (fp8["val_loss"], f32["val_loss"])
+    first = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0]) for run in ("f", "q")]
+    assert abs(first[1]["loss"] - first[0]["loss"]) / first[0]["loss"] < 1e-3, first
+    assert abs(first[1]["grad_norm"] - first[0]["grad_norm"]) / first[0]["grad_norm"] < 1e-2, first
+    assert first[1]["loss"] != first[0]["loss"]  # FP8 really ran
+    assert abs(fp8["val_loss"] - f32["val_loss"]) / f32["val_loss"] < 0.01, (fp8["val_loss"], f32["val_loss"])
 
 
 def test_trained_mtp_drafts_are_accepted_far_more_than_untrained_ones(corpus, tmp_path):
