@@ -1,8 +1,10 @@
 """The notebooks: a course that runs clean, reads in order, and survives a learner's edits.
 
-- Every notebook is executed (in a copy: the committed file is not touched) and must finish with no
-  error, nothing on stderr, and no machine path or object address in its outputs
-  (`tools/run_notebooks.py` applies the same check before it saves).
+- Every notebook is executed by nbval (`pytest` collects notebooks/*.ipynb, pyproject.toml's addopts):
+  each cell's output must equal the committed one, with machine paths and object addresses
+  sanitized (notebooks/nbval-sanitize.cfg) and figures not compared. In addition, here: the
+  committed outputs hold no error, nothing on stderr, no machine path or object address, and the
+  checks cell's "all checks passed" (`tools/run_notebooks.py` applies the same check before it saves).
 - The committed notebooks carry their outputs (figures included) and the metadata JupyterLab
   writes, so opening one changes nothing and the code host shows every figure.
 - Each `.ipynb` and its jupytext pair `.py` hold the same cells: an edit saved in JupyterLab updates
@@ -39,16 +41,6 @@ def execute(path: Path, workdir: Path) -> nbformat.NotebookNode:
     return nb
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_with_no_error_and_nothing_on_stderr(path, tmp_path):
-    copy = tmp_path / path.name
-    shutil.copyfile(path, copy)
-    nb = execute(copy, tmp_path)
-    assert problems(nb) == []
-    outputs = [o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stdout"]
-    assert any("all checks passed" in text for text in outputs), "the checks cell did not finish"
-
-
 def test_the_clean_output_check_catches_stderr_errors_and_stray_reprs(tmp_path):
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("import warnings\nwarnings.warn('a deliberate warning')"),
@@ -69,6 +61,13 @@ def test_committed_notebook_has_clean_outputs_jupyterlab_metadata_and_its_pair(p
     assert all(c.execution_count for c in nb.cells if c.cell_type == "code"), \
         "committed without its outputs: run .venv/bin/python tools/run_notebooks.py"
     assert problems(nb) == []
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    assert any("all checks passed" in o.get("text", "") for o in outputs if o.get("name") == "stdout"), \
+        "the checks cell did not finish"
+    for cell in nb.cells:  # consecutive prints are one stream output, as JupyterLab saves them
+        outs = cell.get("outputs", [])
+        pairs = zip(outs, outs[1:], strict=False)
+        assert not any(a.output_type == b.output_type == "stream" and a.name == b.name for a, b in pairs)
     pair = jupytext.read(path.with_suffix(".py"))
     ours = [(c.cell_type, c.source) for c in nb.cells]
     theirs = [(c.cell_type, c.source) for c in pair.cells]
@@ -106,3 +105,25 @@ def test_an_edit_saved_in_the_ipynb_survives_the_documented_sync(tmp_path):
                    check=True, timeout=60)
     assert "A learner's note, added in JupyterLab." in (tmp_path / "07_text.py").read_text()
     assert "A learner's note" in nbformat.read(tmp_path / "07_text.ipynb", 4).cells[1].source
+
+
+def test_nbval_sanitizes_a_path_a_learner_prints_and_catches_a_changed_output(tmp_path):
+    """nbval with the project's sanitize file: a cell printing a fresh temporary folder matches the
+    committed output made in another folder; a cell whose printed value changed fails."""
+    cells = [nbformat.v4.new_code_cell("import tempfile\nprint(tempfile.mkdtemp())"),
+             nbformat.v4.new_code_cell("print(6 * 7)")]
+    cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text="/tmp/tmpabc123xy\n")]
+    cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="42\n")]
+    for i, cell in enumerate(cells, 1):
+        cell.execution_count = i
+    nb = nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": KERNELSPEC})
+    nbformat.write(nb, tmp_path / "learner.ipynb")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--nbval",
+           "--nbval-current-env", f"--nbval-sanitize-with={ROOT / 'notebooks' / 'nbval-sanitize.cfg'}",
+           str(tmp_path / "learner.ipynb")]
+    ok = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert ok.returncode == 0 and "2 passed" in ok.stdout, ok.stdout[-2000:]
+    cells[1].outputs[0].text = "41\n"
+    nbformat.write(nb, tmp_path / "learner.ipynb")
+    changed = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert changed.returncode == 1 and "1 failed, 1 passed" in changed.stdout, changed.stdout[-2000:]

@@ -8,8 +8,10 @@ The notebooks are the course's source: edit them in JupyterLab (jupytext keeps e
 notebook is synced with its `.py` (`jupytext --sync`: the newer side wins, so an edit made on either
 side is kept). The executed notebook is saved with its figures and text outputs, so the code host
 shows them; what would change on every run without meaning anything is left out: per-cell timing
-metadata. A run that writes to stderr, raises, or prints a machine path or an object address fails
-(tests/test_notebooks.py checks the same on every CI run).
+metadata; consecutive prints are saved as one stream output, as JupyterLab saves them (so opening
+and saving a notebook changes nothing). A run that writes to stderr, raises, or prints a machine path
+or an object address fails (tests/test_notebooks.py checks the same on every CI run, and nbval
+re-runs every cell against its committed output).
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ def problems(nb: nbformat.NotebookNode) -> list[str]:
     return found
 
 
+def coalesce_streams(outputs: list) -> list:
+    """Consecutive stream outputs of the same name (stdout, stderr) merged into one."""
+    merged: list = []
+    for out in outputs:
+        if merged and out.output_type == "stream" and merged[-1].output_type == "stream" \
+                and merged[-1].name == out.name:
+            merged[-1].text += out.text
+        else:
+            merged.append(out)
+    return merged
+
+
 def run(path: Path) -> list[str]:
     subprocess.run([sys.executable, "-m", "jupytext", "--quiet", "--sync", str(path)], check=True)
     nb = nbformat.read(path, as_version=4)
@@ -56,6 +70,9 @@ def run(path: Path) -> list[str]:
     except CellExecutionError as e:
         return [f"a cell failed: {str(e).strip().splitlines()[-1][:300]}"]
     nb.metadata["kernelspec"] = KERNELSPEC
+    for cell in nb.cells:  # consecutive prints as one stream output, as JupyterLab saves them
+        if cell.cell_type == "code":
+            cell.outputs = coalesce_streams(cell.outputs)
     found = problems(nb)
     if not found:
         nbformat.write(nb, path)
