@@ -111,6 +111,9 @@ for name, n in parts.items():
 print(f"{'total':28s} {count.total / 1e9:8.2f}B   ({count.total:,})")
 print(f"{'activated per token':28s} {count.activated / 1e9:8.2f}B")
 print(f"{'MTP module (not in total)':28s} {count.mtp / 1e9:8.2f}B")
+# the release stores layer 61 with its own copies of the embedding and the head: the model card's "14B"
+print(f"{'MTP module as stored':28s} {(count.mtp + count.embedding + count.head) / 1e9:8.2f}B   "
+      f"(with its embedding and head copies; 671B + this = the card's 685B)")
 print(f"routed experts: {routed / count.total:.1%} of the total")
 
 active = {"routed experts": n_moe * cfg.num_experts_per_tok * expert}

@@ -21,7 +21,15 @@
 # **What this notebook teaches.** How MLA compresses every token's keys and values into one small
 # latent vector, why the rotary part of the key has to be kept apart, how the up-projections can be
 # *absorbed* so that decoding attends directly to the cached latents, and what that buys: a KV cache
-# of 576 numbers per token and layer instead of 40,960, with decode time that hardly grows with context.
+# of 576 numbers per token and layer instead of 40,960, and a decode step that reads 576 numbers per
+# cached token and layer instead of 40,960. The step still grows linearly with the context (every
+# cached latent is read; the count below says how much), only with a far smaller constant: the
+# timings here stop at 2,048 tokens, where that growth is hard to see, not absent.
+#
+# Two facts this notebook does not measure, from the reports: MLA is not a quality trade-off: in
+# DeepSeek-V2 (Appendix D.2) MLA scored better than standard multi-head attention while caching far
+# less. And the *query* is compressed too (`q_lora_rank` = 1536), not for the cache (queries are not
+# cached) but to reduce activation memory in training (DeepSeek-V3 §2.1.1).
 #
 # Report sections: DeepSeek-V3 §2.1.1 (eqs. 1-11); DeepSeek-V2 §2.1 (the cache comparison, Table 1).
 

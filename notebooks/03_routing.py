@@ -84,14 +84,24 @@ fig.tight_layout()
 
 # %% [markdown]
 # Why groups at all: group-limited routing is how the release implements the report's *node-limited*
-# routing (section 2.1.2; section 3.4 on deployment). The 256 experts are split into 8 groups, a
-# group is meant to sit on one node, and a token may take its 8 experts from at most 4 groups, so
-# its hidden state travels to at most 4 nodes. That bound keeps the expert-parallel all-to-all
-# traffic affordable across nodes; ranking a group by the sum of its 2 best experts picks the
-# groups where a token's best experts are.
+# routing, a device of **training** (section 2.1.2; section 3.2.2 on the all-to-all). In training the
+# experts were spread with 64-way expert parallelism over 8 nodes, and a token was sent to at most
+# M = 4 nodes: its hidden state crosses InfiniBand once per target node and is then forwarded to the
+# GPUs within the node over NVLink, so bounding the nodes bounds the slow traffic. The 256 experts are
+# split into 8 groups (one per node of that layout), a token takes its 8 experts from at most 4 groups,
+# and a group is ranked by the sum of its K_r / M = 8 / 4 = 2 best (biased) scores: the report's rule
+# for choosing nodes. Inference (section 3.4) deploys the experts differently, but the released router
+# keeps the rule. With this bound and the balancing below, DeepSeek-V3 drops **no tokens**, in
+# training or inference (section 2.1.2, "No Token-Dropping").
 
 # %% [markdown]
 # ## 2. The bias decides the choice, not the weight
+#
+# Why the bias stays out of the gate value: the bias exists to balance the load *without* an
+# auxiliary loss, because a loss large enough to balance the experts pulls the gradients away from
+# the language-modelling objective and impairs the model (section 2.1.2, citing Wang et al., 2024a).
+# The bias gets no gradient; it is set by the update rule of section 4 below, and since it only
+# changes which experts are chosen, the function the model computes for a given choice is untouched.
 #
 # The gate values are the *unbiased* scores of the chosen experts, normalized to sum to one and
 # multiplied by `routed_scaling_factor` (the normalization is eq. 13; the factor, 2.5 in the
@@ -131,6 +141,7 @@ fig, ax = plt.subplots(figsize=(10, 2.4))
 im = ax.imshow(load, aspect="auto", cmap="viridis")
 ax.set_yticks(range(len(records)), [f"layer {i}" for i in sorted(records)])
 ax.set_xlabel("expert")
+ax.set_ylabel("MoE layer")
 ax.set_title(f"tokens per expert, {ids_batch.numel()} tokens x {cfg.num_experts_per_tok} experts each")
 fig.colorbar(im, ax=ax)
 fig.tight_layout()
@@ -140,8 +151,9 @@ print("max / mean load per layer:", [round(v, 2) for v in (load.max(1).values / 
 # ## 4. One bias-update step
 #
 # After a step, $b_i \leftarrow b_i + \gamma\, \mathrm{sign}(\overline{load} - load_i)$: overloaded
-# experts become less attractive, idle ones more. The report uses $\gamma = 0.001$ over many steps;
-# to see the effect of a single step here we take $\gamma = 0.02$.
+# experts become less attractive, idle ones more. The report uses $\gamma = 0.001$ for the first
+# 14.3T training tokens and $\gamma = 0$ for the last 500B (section 4.2: the bias is frozen at the
+# end); to see the effect of a single step here we take $\gamma = 0.02$.
 
 # %%
 layer1 = model.model.layers[1].mlp.gate
@@ -157,6 +169,7 @@ ax.bar(x - 0.2, before, width=0.4, label="before")
 ax.bar(x + 0.2, after, width=0.4, label="after one update")
 ax.axhline(before.mean(), color="k", lw=0.8, ls="--", label="mean load")
 ax.set_xlabel("expert (layer 1)")
+ax.set_ylabel("tokens routed to it")
 ax.legend(fontsize=8)
 fig.tight_layout()
 spread = {name: (c.std() / c.mean()).item() for name, c in (("before", before), ("after", after))}

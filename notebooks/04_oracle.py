@@ -21,8 +21,10 @@
 # **What this notebook teaches.** How to check your own DeepSeek-V3 implementation (a kernel, a
 # serving engine, a port) against dsv3ref, and how to find *where* it goes wrong rather than only
 # *that* its logits differ. We trace every intermediate tensor of a forward pass, line two traces up
-# point by point, and let `compare` name the first point past tolerance. Then we plant three bugs
-# that have shipped in public implementations and watch `compare` point at the exact layer and tensor.
+# point by point, and let `compare` name the first point past tolerance. Then we plant three bugs that
+# an implementer easily makes (each follows a real difference between DeepSeek's code and a common
+# convention: GPT-NeoX's half-split RoPE, a bias used beyond the choice, YaRN's softmax scale) and
+# watch `compare` point at the exact layer and tensor.
 #
 # Covers the whole forward pass of the report's §2.1; no new equations.
 

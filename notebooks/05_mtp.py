@@ -25,6 +25,11 @@
 # toy language, and then use the MTP module to *draft* tokens that the main model verifies in one
 # pass: self-speculative decoding, with its acceptance rate and tokens per forward pass.
 #
+# What sets DeepSeek's MTP apart from parallel prediction heads (Gloeckle et al., 2024, which predict
+# each future token independently from the same hidden state): its modules run *in sequence*, module
+# k taking module k-1's output and the embedding of token i+k, so each depth keeps the complete causal
+# chain of the tokens before the one it predicts (section 2.2).
+#
 # Report sections: DeepSeek-V3 §2.2 (eqs. 21-25), §5.4.3 (speculative decoding with MTP).
 
 # %%
@@ -100,7 +105,8 @@ print(f"combine == embedding-first: {order_ok}; hidden-first differs by {order_g
 # ## 3. The training objective, and a few seconds of training
 #
 # `model.loss(input_ids)` returns the main next-token loss and $\mathcal{L}_{MTP} = \frac{\lambda}{D}\sum_k
-# \mathcal{L}^k_{MTP}$ (eq. 25, $\lambda = 0.3$). The toy language: every sequence follows a fixed random
+# \mathcal{L}^k_{MTP}$ (eq. 25, $\lambda = 0.3$, the report's weight for the first 10T tokens; 0.1 for the
+# remaining 4.8T, section 4.2; `TrainConfig(mtp_lambda_late=0.1)` does the same). The toy language: every sequence follows a fixed random
 # permutation of the 64 tokens, $t_{i+1} = \pi(t_i)$, so the next token *and* the one after it are
 # predictable.
 

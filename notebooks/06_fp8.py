@@ -24,6 +24,14 @@
 # block-scaled GEMM as the published checkpoint defines them; and promotion of partial sums to
 # float32 every 128 elements, because tensor cores accumulate FP8 products with only ~14 bits.
 #
+# What the fine-grained scales make possible (section 3.3.2): E4M3 for *every* tensor, forward and
+# backward, where earlier FP8 training used E4M3 in the forward pass and the wider-range E5M2 for
+# gradients; and *online* scales, each tile's maximum taken from the tile itself at the moment it is
+# quantized, instead of delayed scaling from the maxima of earlier iterations. The training side
+# described but not run here (sections 3.3.3-3.3.4): activations cached for the backward pass in FP8,
+# the MoE dispatch sent in FP8 (the combine stays BF16), and AdamW's moments kept in BF16. Section 4
+# below promotes every N_C = 128 elements: on an H800 that is four WGMMA instructions.
+#
 # Report sections: DeepSeek-V3 §3.3 (FP8 training: fine-grained quantization, increasing
 # accumulation precision), and the release's `weight_block_size: [128, 128]`.
 
@@ -100,6 +108,7 @@ ax.hist(err_tile.clamp(1e-5, 3), bins=bins, alpha=0.6, label=f"1x128 tile scales
 ax.axvline(1 / 16, color="k", lw=0.8, ls="--")
 ax.set_xscale("log")
 ax.set_xlabel("relative error of an ordinary activation")
+ax.set_ylabel("activations (count)")
 ax.legend(fontsize=8)
 fig.tight_layout()
 

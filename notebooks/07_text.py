@@ -18,8 +18,9 @@
 # *Lesson 7 of the dsv3ref course (lessons 00 to 09), after [06_fp8](06_fp8.ipynb) (FP8).*
 #
 # **What this notebook teaches.** Everything before this notebook spoke token ids. DeepSeek-V3 reads
-# text through a byte-level BPE tokenizer (128,000 merges-built tokens plus special tokens such as
-# `<｜User｜>`), and a conversation becomes a prompt through the checkpoint's own Jinja chat template.
+# text through a byte-level BPE tokenizer with an extended vocabulary of 128K tokens (report §4.1;
+# the file holds 128,815 ids, special tokens such as `<｜User｜>` included; the config's `vocab_size`
+# is 129,280, so the embedding has rows no id reaches), and a conversation becomes a prompt through the checkpoint's own Jinja chat template.
 # We render the model card's example conversation, tokenize it, look at it token by token, check
 # both steps against Hugging Face's tokenizer on the same files, and then stream a reply from the
 # embedded (untrained) tiny model.

@@ -43,13 +43,16 @@ import torch
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 import dsv3ref
-from dsv3ref import DeepseekV3, ModelConfig
+from dsv3ref import DeepseekV3, ModelConfig, count_parameters
 from dsv3ref.parallel.layers import split_range
 from dsv3ref.parallel.planner import GPU_MEMORY, cache_bytes_per_token, checkpoint_bytes, machine_table, weight_bytes
 
 full = ModelConfig.preset("deepseek-v3")
 size, elements = checkpoint_bytes(full)
-print(f"the release: {size:,} bytes, {elements:,} elements (the model card's '685B': 671B + the MTP module)")
+mtp = count_parameters(full)
+print(f"the release: {size:,} bytes, {elements:,} elements (the model card's '685B': 671B + the MTP module, whose "
+      f"{mtp.mtp / 1e9:.1f}B are stored with their own copies of the embedding and head: "
+      f"{(mtp.mtp + mtp.embedding + mtp.head) / 1e9:.1f}B, the card's '14B')")
 
 # %% [markdown]
 # ## 1. Which tensor is split how

@@ -55,7 +55,7 @@ print(decode(corpus.validation[:300].tolist()))
 # ## 1. A minute of training
 #
 # `dsv3ref.train.train` is an ordinary loop: next-token loss plus the MTP loss (lambda = 0.3, eqs.
-# 24-25), AdamW with warmup and cosine decay, gradient clipping, and after every step the routers'
+# 24-25; the report lowers it to 0.1 after 10T of 14.8T tokens, `mtp_lambda_late=0.1` here), AdamW with warmup and cosine decay, gradient clipping, and after every step the routers'
 # bias update b_i += gamma * sign(mean load - load_i). Tokens are bytes: a 256-entry vocabulary keeps
 # the embedding and head small (DeepSeek-V3's 129,280 tokens would be 30 times the rest of this model).
 
