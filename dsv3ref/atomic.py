@@ -5,13 +5,15 @@ once complete: a rename within a folder is atomic, so the final name holds eithe
 the new one. Temporary files are created like any new file (mode 0666 less the umask), so a
 checkpoint written here is readable by whoever the umask allows, as with `cp` or `torch.save`.
 Their names start with "." and end with ".tmp"; `remove_temporaries` clears what a killed writer
-left behind.
+left behind. A folder written as a whole (a training checkpoint) is built the same way under a
+temporary folder name (`atomic_folder`).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,13 +56,37 @@ def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> N
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
+def atomic_folder(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) with a new temporary folder beside `path`, then rename it to `path`, which must
+    not exist (FileExistsError: a folder written this way is never overwritten). The temporary folder
+    is removed if write fails or is interrupted by an exception."""
+    path = Path(path)
+    if os.path.lexists(path):
+        raise FileExistsError(f"{path}: exists; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def remove_temporaries(folder: str | Path) -> list[str]:
-    """Delete the temporary files an interrupted writer left in `folder`; return their names."""
+    """Delete the temporary files and folders an interrupted writer left in `folder`; return their names."""
     removed = []
     for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
-        if p.is_file() and not p.is_symlink():
+        if p.is_symlink():
+            continue
+        if p.is_file():
             p.unlink()
-            removed.append(p.name)
+        elif p.is_dir():
+            shutil.rmtree(p)
+        else:
+            continue
+        removed.append(p.name)
     return sorted(removed)
 
 

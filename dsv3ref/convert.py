@@ -108,9 +108,11 @@ def _start(work: Path, manifest: dict, files: dict[str, Path]) -> set[str]:
             previous = json.loads((work / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError):
             raise FileExistsError(f"{work}: exists but holds no {MANIFEST} from this converter; remove it") from None
-        same = {k: v for k, v in previous.items() if k != "shards"} == {k: v for k, v in manifest.items()
-                                                                          if k != "shards"}
-        if same and isinstance(previous.get("shards"), dict) and previous["shards"].keys() == manifest["shards"].keys():
+        def what(m: dict) -> tuple:  # the conversion a manifest describes, without the shards' stamps
+            shards = m.get("shards")
+            return (m.get("source"), m.get("direction"), m.get("scale_fmt"),
+                    sorted(shards) if isinstance(shards, dict) else None)
+        if what(previous) == what(manifest):
             remove_temporaries(work)
             changed = {n for n, stamp in manifest["shards"].items() if previous["shards"][n] != stamp}
             stale = {n for n in _dependents(changed, files) if (work / n).is_file()}

@@ -119,13 +119,17 @@ def copy(base: Path, tmp: Path, which: str = "f32") -> Path:
     return dst
 
 
-def edit_tensor(folder: Path, name: str, change) -> Path:
-    """Rewrite one tensor of a checkpoint in place: tensor = change(tensor)."""
-    file = tensor_files(folder)[name]
+def rewrite(file: Path, name: str, change) -> Path:
+    """Rewrite one tensor of a safetensors file in place: tensor = change(tensor)."""
     tensors = load_file(file)
     tensors[name] = change(tensors[name])
     save_file(tensors, file, metadata={"format": "pt"})
     return file
+
+
+def edit_tensor(folder: Path, name: str, change) -> Path:
+    """Rewrite one tensor of a checkpoint in place: tensor = change(tensor)."""
+    return rewrite(tensor_files(folder)[name], name, change)
 
 
 def edit_json(file: Path, change) -> None:
@@ -522,15 +526,18 @@ def training_never_writes_through_a_link(base, tmp, monkeypatch):
         shutil.rmtree(outside) if outside.is_dir() else outside.unlink()
 
 
-@case("data loss", "a run killed after step 3 (its last checkpoint: step 2), resumed from step_000002",
-      "every step appears once in metrics.jsonl (rows after the checkpoint are written again, not twice), and "
-      "the final weights equal the uninterrupted run's bit for bit")
+@case("data loss", "a run killed after step 3 (its last checkpoint: step 2; a half-written checkpoint folder "
+      "left behind), resumed from step_000002", "every step appears once in metrics.jsonl (rows after the "
+      "checkpoint are written again, not twice), the half-written folder is removed, and the final weights equal "
+      "the uninterrupted run's bit for bit")
 def a_resumed_run_lists_every_step_once(base, tmp, monkeypatch):
     run = copy_run(base, tmp)
-    shutil.rmtree(run / "step_000004")  # as if killed before the last checkpoint
+    shutil.rmtree(run / "step_000004")  # as if killed before the last checkpoint, while writing it:
+    (run / ".step_000004.4242-dead.tmp").mkdir()
+    (run / ".step_000004.4242-dead.tmp" / "model.safetensors").write_bytes(b"partial")
     train(run_config(run), resume=run / "step_000002", corpus=small_corpus())
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert steps == [1, 2, 3, 4] and not list(run.glob(".*"))
     a, b = load_file(run / "step_000004" / "model.safetensors"), load_file(base / "run/step_000004/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -593,10 +600,7 @@ def resume_state_is_checked(base, tmp, monkeypatch):
     for moment, change, message in (("exp_avg", with_nan, "holds 1 non-finite"),
                                     ("exp_avg_sq", lambda t: -t - 1, "holds negative values")):
         run = copy_run(base, tmp)
-        file = run / "step_000002" / "optimizer.safetensors"
-        tensors = load_file(file)
-        tensors[f"{name}.{moment}"] = change(tensors[f"{name}.{moment}"])
-        save_file(tensors, file)
+        file = rewrite(run / "step_000002" / "optimizer.safetensors", f"{name}.{moment}", change)
         with pytest.raises(CheckpointError, match=rf"{file}: tensor {name}.{moment} {message}"):
             train(run_config(run), resume=run / "step_000002", corpus=small_corpus())
         shutil.rmtree(run)
@@ -629,10 +633,7 @@ def resume_optimizer_state_is_checked(base, tmp, monkeypatch):
     for change, message in ((lambda t: t[:-1], rf"tensor {name}.exp_avg is \(31,\) torch.float32, expected \(32,\)"),
                             (lambda t: t.double(), rf"tensor {name}.exp_avg is \(32,\) torch.float64, expected")):
         run = copy_run(base, tmp)
-        file = run / "step_000002" / "optimizer.safetensors"
-        tensors = load_file(file)
-        tensors[f"{name}.exp_avg"] = change(tensors[f"{name}.exp_avg"])
-        save_file(tensors, file)
+        file = rewrite(run / "step_000002" / "optimizer.safetensors", f"{name}.exp_avg", change)
         with pytest.raises(CheckpointError, match=message):
             train(run_config(run), resume=run / "step_000002", corpus=small_corpus())
         file.write_bytes(b"\x00garbage" * 10)

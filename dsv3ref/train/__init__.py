@@ -4,6 +4,9 @@
   and cosine decay, gradient clipping, the auxiliary-loss-free bias update after every step (or a
   classic auxiliary loss, or none), validation with load-balance measurements, checkpoints that
   `DeepseekV3.from_pretrained` reads, exact resumption;
+- `checkpoint`: a step's folder written whole (model, AdamW moments, `train_state.json`) and read back
+  only after it and the resumed run's settings are checked;
+- `run_folder`: whether a run may write into its `--out-dir`, and its `metrics.jsonl`;
 - `fp8`: FP8 training as in the report's section 3.3 (Fprop, Dgrad and Wgrad GEMMs with their tile
   orientations) as a `torch.autograd.Function`;
 - `data`: the corpus every Python installation has (its standard library's source) and the byte

@@ -6,10 +6,10 @@ A checkpoint is a folder `step_NNNNNN/` holding
 - `optimizer.safetensors`: AdamW's moments, `NAME.exp_avg` and `NAME.exp_avg_sq` per parameter,
 - `train_state.json`: `{"step": int, "adam_steps": {NAME: int}, "config": the run's TrainConfig}`.
 
-Writing: the folder is built under a temporary name beside its final one and renamed into place, so a
-killed run leaves either the whole checkpoint or none (a leftover `.step_*.tmp` folder is removed by
-the next run in that folder). Weights and moments are checked finite first: a checkpoint of NaN weights
-is never written.
+Writing: the folder is built under a temporary name beside its final one and renamed into place
+(`dsv3ref.atomic.atomic_folder`), so a killed run leaves either the whole checkpoint or none (a
+leftover temporary folder is removed by the next run in that folder). Weights and moments are
+checked finite first: a checkpoint of NaN weights is never written.
 
 Reading (`load_checkpoint`): the resume is refused, with the file and the field or tensor named, if
 `train_state.json` is not what `save_checkpoint` writes (an integer step >= 0, known parameter names,
@@ -23,15 +23,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from dsv3ref.atomic import TMP_SUFFIX, atomic_save_tensors, atomic_write_text
+from dsv3ref.atomic import atomic_folder, atomic_save_tensors, atomic_write_text
 from dsv3ref.checkpoint import CheckpointError, check_finite, open_safetensors, read_tensor, save_pretrained
 from dsv3ref.config import ModelConfig
 from dsv3ref.model import DeepseekV3
@@ -61,8 +58,6 @@ def save_checkpoint(folder: Path, model: DeepseekV3, optimizer: torch.optim.Adam
     """Write the checkpoint after `step` steps to `folder`, which must not exist (a checkpoint is never
     overwritten). FloatingPointError, before anything is written, if a weight or a moment is not finite."""
     folder = Path(folder)
-    if os.path.lexists(folder):
-        raise FileExistsError(f"{folder}: exists; a training checkpoint is never overwritten")
     names = {id(p): n for n, p in model.named_parameters()}
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p.detach()).all()):
@@ -79,26 +74,13 @@ def save_checkpoint(folder: Path, model: DeepseekV3, optimizer: torch.optim.Adam
                                                  "no checkpoint written")
                     tensors[f"{names[id(p)]}.{moment}"] = value
                 adam_steps[names[id(p)]] = int(state["step"])
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
-    try:
+
+    def write(tmp: Path) -> None:
         save_pretrained(model, tmp)
         atomic_save_tensors(tmp / OPTIMIZER_FILE, tensors)
         atomic_write_text(tmp / STATE_FILE, json.dumps(
             {"step": step, "adam_steps": adam_steps, "config": dataclasses.asdict(cfg)}, indent=1) + "\n")
-        os.rename(tmp, folder)  # fails, rather than replacing anything, if the name appeared meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def remove_unfinished(out_dir: Path) -> list[str]:
-    """Remove the temporary checkpoint folders a killed run left in out_dir; return their names."""
-    removed = []
-    for p in Path(out_dir).glob(f".step_*{TMP_SUFFIX}"):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-            removed.append(p.name)
-    return sorted(removed)
+    atomic_folder(folder, write)  # FileExistsError if the folder exists: a checkpoint is never overwritten
 
 
 def _whole(value: object) -> bool:

@@ -24,8 +24,7 @@ import re
 import time
 from pathlib import Path
 
-from dsv3ref.atomic import atomic_write_text
-from dsv3ref.train.checkpoint import remove_unfinished
+from dsv3ref.atomic import atomic_write_text, remove_temporaries
 
 METRICS_FILE = "metrics.jsonl"
 WRITE_EVERY_S = 5.0
@@ -87,7 +86,7 @@ def claim(out_dir: Path, resume: Path | None, start: int) -> list[dict]:
                               "--out-dir")
     source = metrics if metrics.is_file() else Path(resume).parent / METRICS_FILE
     rows = [r for r in read_metrics(source) if r["step"] <= start] if source.is_file() else []
-    remove_unfinished(out_dir)
+    remove_temporaries(out_dir)
     return rows
 
 
