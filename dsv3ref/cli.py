@@ -432,7 +432,8 @@ def train_cmd(args: argparse.Namespace) -> int:
     cfg = TrainConfig(out_dir=args.out_dir, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup, mtp_lambda=args.mtp_lambda,
                       mtp_lambda_late=args.mtp_lambda_late, device=args.device,
-                      balance=args.balance, gamma=args.gamma, seq_alpha=args.seq_alpha, fp8=args.fp8,
+                      balance=args.balance, gamma=args.gamma, gamma_late=args.gamma_late, seq_alpha=args.seq_alpha,
+                      fp8=args.fp8,
                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
     allowed = tuple(name for group in args.allow_change for name in group)
     final = train(cfg, resume=args.resume, allow_changes=allowed)
@@ -605,11 +606,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtp-lambda", type=_number(0.0), default=0.3,
                    help="weight of the MTP loss (report: 0.3, then 0.1)")
     p.add_argument("--mtp-lambda-late", type=_number(0.0), default=None,
-                   help="MTP weight for the last third of the steps (report: 0.1); default: --mtp-lambda throughout")
+                   help="MTP weight for the last 32%% of the steps (report: 0.1 after 10T of 14.8T tokens); "
+                        "default: --mtp-lambda throughout")
     p.add_argument("--device", type=_torch_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--balance", choices=["bias", "aux", "none"], default="bias",
                    help="bias: auxiliary-loss-free bias update; aux: a classic auxiliary loss; none")
     p.add_argument("--gamma", type=_number(0.0), default=0.001, help="bias update speed (report: 0.001)")
+    p.add_argument("--gamma-late", type=_number(0.0), default=None,
+                   help="bias update speed for the last 3.4%% of the steps (report: 0 for the last 500B of 14.8T "
+                        "tokens); default: --gamma throughout")
     p.add_argument("--seq-alpha", type=_number(0.0), default=0.0,
                    help="sequence-wise balance loss weight (report: 1e-4)")
     p.add_argument("--fp8", action="store_true", help="FP8 GEMMs in forward and backward (section 3.3, emulated)")

@@ -237,5 +237,8 @@ assert all(e > 20 * a for e, a in zip(work["re-expanded"], work["absorbed"], str
 print("all checks passed")
 
 # %% [markdown]
+# **Exercise:** [e02_absorbed_attention.ipynb](exercises/e02_absorbed_attention.ipynb): write one decode step of absorbed attention against the latent cache yourself; `dsv3ref`
+# checks it and says where it first differs.
+#
 # **Next:** [03_routing.ipynb](03_routing.ipynb), DeepSeekMoE routing: sigmoid scores, group-limited
 # choice, the balancing bias, grouped experts.

@@ -228,5 +228,8 @@ assert grouped_error < 1e-5
 print("all checks passed")
 
 # %% [markdown]
+# **Exercise:** [e03_routing.ipynb](exercises/e03_routing.ipynb): write the router's group-limited choice with the bias, and its weights yourself; `dsv3ref`
+# checks it and says where it first differs.
+#
 # **Next:** [04_oracle.ipynb](04_oracle.ipynb), dsv3ref as your oracle: tracing, comparing with HF,
 # finding bugs by their first divergence.

@@ -149,5 +149,8 @@ assert float32_vs_64.ok and worst < 1e-5
 print("all checks passed")
 
 # %% [markdown]
+# **Exercise:** [e04_bug_hunt.ipynb](exercises/e04_bug_hunt.ipynb): write a function that names a planted bug and its layer from a trace yourself; `dsv3ref`
+# checks it and says where it first differs.
+#
 # **Next:** [05_mtp.ipynb](05_mtp.ipynb), Multi-Token Prediction: the MTP module, its objective, self-
 # speculative decoding.

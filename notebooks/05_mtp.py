@@ -176,5 +176,8 @@ assert after.stats["tokens_per_forward"] > 1.5           # close to the 2 tokens
 print("all checks passed")
 
 # %% [markdown]
+# **Exercise:** [e05_mtp_combine.ipynb](exercises/e05_mtp_combine.ipynb): write the MTP module's combine step (eq. 21) yourself; `dsv3ref`
+# checks it and says where it first differs.
+#
 # **Next:** [06_fp8.ipynb](06_fp8.ipynb), FP8: E4M3, tile and block scales, the FP8 GEMM, accumulation
 # precision.

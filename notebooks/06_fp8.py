@@ -282,5 +282,8 @@ assert latent_quantization > 1e-3                                 # and the two 
 print("all checks passed")
 
 # %% [markdown]
+# **Exercise:** [e06_block_quantization.ipynb](exercises/e06_block_quantization.ipynb): write 128x128 weight blocks and 1x128 activation tiles in E4M3 yourself; `dsv3ref`
+# checks it and says where it first differs.
+#
 # **Next:** [07_text.ipynb](07_text.ipynb), Text in, text out: the tokenizer, the chat template, a
 # streamed reply.

@@ -171,6 +171,29 @@ def test_the_late_mtp_weight_starts_at_its_switch_step(corpus, tmp_path, monkeyp
     assert used == [0.3] * 17 + [0.1] * 8  # step s (0-based) is late from s >= 0.68 * 25 = 17
 
 
+def test_the_bias_stops_moving_at_gamma_switch(corpus, tmp_path, monkeypatch):
+    """The report's gamma schedule: 0.001, then 0 for the last 500B of 14.8T tokens (gamma_switch 0.966)."""
+    import dsv3ref.train.loop as loop
+    torch.set_num_threads(1)
+    speeds = []
+    real = loop.update_bias
+
+    def recording(bias, load, gamma):
+        speeds.append(gamma)
+        return real(bias, load, gamma)
+    monkeypatch.setattr(loop, "update_bias", recording)
+    cfg = _run(tmp_path, "gamma", steps=30, batch_size=1, seq_len=8, gamma=0.001, gamma_late=0.0, gamma_switch=0.966,
+               save_every=29)
+    train(cfg, corpus=corpus)
+    per_step = len(speeds) // 30  # one call per router per step
+    # step s (0-based) is late from s >= 0.966 * 30 = 28.98, i.e. only the last step
+    assert speeds == [0.001] * (29 * per_step) + [0.0] * per_step
+    before, after = (routers(DeepseekV3.from_pretrained(tmp_path / "gamma" / f"step_{s:06d}")) for s in (29, 30))
+    for layer, router in before.items():  # moved until step 29, frozen in step 30
+        assert router.e_score_correction_bias.abs().max() > 0
+        assert torch.equal(router.e_score_correction_bias, after[layer].e_score_correction_bias)
+
+
 def test_the_classic_auxiliary_loss_by_hand():
     g = torch.Generator().manual_seed(1)
     t, e, k, alpha = 12, 6, 2, 0.1

@@ -1,7 +1,7 @@
 """Run every notebook top to bottom and save it in place with its outputs, as JupyterLab does.
 
-    .venv/bin/python tools/run_notebooks.py              # all of notebooks/*.ipynb
-    .venv/bin/python tools/run_notebooks.py 02_mla       # some, by name
+    .venv/bin/python tools/run_notebooks.py              # all of notebooks/*.ipynb and notebooks/exercises/
+    .venv/bin/python tools/run_notebooks.py 02_mla       # some, by name (e03_routing for an exercise)
 
 The notebooks are the course's source: edit them in JupyterLab (jupytext keeps each paired
 `notebooks/NN_name.py` in step on save) or edit the `.py` and run this. Before running, each
@@ -64,7 +64,7 @@ def run(path: Path) -> list[str]:
     subprocess.run([sys.executable, "-m", "jupytext", "--quiet", "--sync", str(path)], check=True)
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=600, kernel_name="python3", record_timing=False,
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+                            resources={"metadata": {"path": str(path.parent)}})
     try:
         client.execute()
     except CellExecutionError as e:
@@ -81,7 +81,7 @@ def run(path: Path) -> list[str]:
 
 
 def main(names: list[str]) -> int:
-    paths = sorted(NOTEBOOKS.glob("*.ipynb"))
+    paths = sorted(NOTEBOOKS.glob("*.ipynb")) + sorted(NOTEBOOKS.glob("exercises/*.ipynb"))
     if names:
         paths = [p for p in paths if p.stem in names]
     failed = False

@@ -17,7 +17,16 @@ The model never imports this package; it imports the model.
 
 from dsv3ref.train.data import Corpus, decode, encode
 from dsv3ref.train.fp8 import FP8LinearFunction, FP8TrainLinear, fp8_training_layers
-from dsv3ref.train.loop import TrainConfig, build_model, learning_rate, max_violation, small_config, train
+from dsv3ref.train.loop import (
+    TrainConfig,
+    bias_speed,
+    build_model,
+    learning_rate,
+    max_violation,
+    mtp_weight,
+    small_config,
+    train,
+)
 
-__all__ = ["Corpus", "FP8LinearFunction", "FP8TrainLinear", "TrainConfig", "build_model", "decode", "encode",
-           "fp8_training_layers", "learning_rate", "max_violation", "small_config", "train"]
+__all__ = ["Corpus", "FP8LinearFunction", "FP8TrainLinear", "TrainConfig", "bias_speed", "build_model", "decode",
+           "encode", "fp8_training_layers", "learning_rate", "max_violation", "mtp_weight", "small_config", "train"]

@@ -41,7 +41,8 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 TRAJECTORY_FIELDS = ("seed", "steps", "batch_size", "seq_len", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
-                     "mtp_lambda", "mtp_lambda_late", "mtp_switch", "balance", "gamma", "aux_alpha", "seq_alpha",
+                     "mtp_lambda", "mtp_lambda_late", "mtp_switch", "balance", "gamma", "gamma_late", "gamma_switch",
+                     "aux_alpha", "seq_alpha",
                      "fp8", "max_corpus_bytes", "model")
 """TrainConfig fields that change what a run computes after a resume (`steps` too: the cosine schedule
 ends at it). The others (out_dir, eval_every, eval_batches, save_every, progress, device) change
@@ -129,9 +130,11 @@ def check_resume(saved: dict, cfg: TrainConfig, file: Path, allow_changes: tuple
         raise ValueError(f"allow_changes: {unknown} are not fields that change a run's trajectory; expected some of "
                          f"{list(TRAJECTORY_FIELDS)}")
     given = dataclasses.asdict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     notes = []
     for name in TRAJECTORY_FIELDS:
-        old, new = saved.get(name, "<absent>"), given[name]
+        # a checkpoint written before a field existed ran as its default does
+        old, new = saved.get(name, defaults[name] if name in defaults else "<absent>"), given[name]
         if old == new or (isinstance(old, list) and tuple(old) == new):
             continue
         if name in allow_changes:

@@ -72,7 +72,11 @@ class TrainConfig:
     mtp_switch: float = 0.68
     balance: str = "bias"
     gamma: float = DEFAULT_GAMMA
-    """Bias update speed (report: 0.001)."""
+    """Bias update speed (report: 0.001 for the first 14.3T tokens, then 0)."""
+    gamma_late: float | None = None
+    """The bias update speed after gamma_switch of the steps (report: 0 for the last 500B of 14.8T tokens,
+    i.e. gamma_switch = 0.966); None keeps gamma throughout."""
+    gamma_switch: float = 0.966
     aux_alpha: float = 0.01
     """Weight of the classic auxiliary loss when balance="aux"."""
     seq_alpha: float = 0.0
@@ -108,7 +112,10 @@ class TrainConfig:
             _check_number(name, getattr(self, name), low=0.0)
         if self.mtp_lambda_late is not None:
             _check_number("mtp_lambda_late", self.mtp_lambda_late, low=0.0)
-        _check_number("mtp_switch", self.mtp_switch, low=0.0, high=1.0)
+        if self.gamma_late is not None:
+            _check_number("gamma_late", self.gamma_late, low=0.0)
+        for name in ("mtp_switch", "gamma_switch"):
+            _check_number(name, getattr(self, name), low=0.0, high=1.0)
         for name in ("fp8", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected True or False, found {getattr(self, name)!r}")
@@ -143,6 +150,18 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def mtp_weight(cfg: TrainConfig, step: int) -> float:
+    """lambda at `step` (0-based): mtp_lambda, then mtp_lambda_late from mtp_switch of the steps on."""
+    late = cfg.mtp_lambda_late is not None and step >= cfg.mtp_switch * cfg.steps
+    return cfg.mtp_lambda_late if late else cfg.mtp_lambda
+
+
+def bias_speed(cfg: TrainConfig, step: int) -> float:
+    """gamma at `step` (0-based): gamma, then gamma_late from gamma_switch of the steps on."""
+    late = cfg.gamma_late is not None and step >= cfg.gamma_switch * cfg.steps
+    return cfg.gamma_late if late else cfg.gamma
 
 
 def max_violation(load: torch.Tensor) -> float:
@@ -240,9 +259,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, corpus: Corpus | N
             for group in optimizer.param_groups:
                 group["lr"] = lr
             ids = batch(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, step).to(cfg.device)
-            late = cfg.mtp_lambda_late is not None and step >= cfg.mtp_switch * cfg.steps
             with capture(model, grad=cfg.balance == "aux" or bool(cfg.seq_alpha)) as records:
-                losses = model.loss(ids, cfg.mtp_lambda_late if late else cfg.mtp_lambda)
+                losses = model.loss(ids, mtp_weight(cfg, step))
                 extra = balance_loss(records, cfg, cfg.batch_size)
             loss = losses["loss"] + extra.to(losses["loss"].device)
             if not bool(torch.isfinite(loss)):
@@ -258,7 +276,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, corpus: Corpus | N
             loads = {layer: sum(r.counts for r in recs).cpu() for layer, recs in records.items()}
             if cfg.balance == "bias":
                 for layer, router in routers(model).items():
-                    update_bias(router.e_score_correction_bias, loads[layer].to(cfg.device), cfg.gamma)
+                    update_bias(router.e_score_correction_bias, loads[layer].to(cfg.device), bias_speed(cfg, step))
             tokens += ids.numel()
             row = {"step": step + 1, "lr": lr, "loss": losses["main"].item(), "mtp_loss": losses["mtp"].item(),
                    "balance_loss": extra.item(), "grad_norm": grad_norm,
