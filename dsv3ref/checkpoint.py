@@ -16,7 +16,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
@@ -262,6 +262,8 @@ class LoadReport:
     headers_sha256: str = ""
     """A digest of the name, shape and dtype of every tensor the model takes from the checkpoint (every
     process of a parallel load reads all headers): equal on processes that read equal checkpoints."""
+    files_opened: int = 0
+    """safetensors files opened: each at most once (headers, tensors and block scales through one handle)."""
 
 
 def headers_digest(headers: dict[str, tuple[tuple[int, ...], str]]) -> str:
@@ -502,64 +504,76 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
             continue
         raise CheckpointError(f"{file}: unexpected tensor {name} (not a parameter of the model described by "
                               f"config.json; {len(full)} parameters expected)")
-    present = set()
-    headers: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype) as stored
-    for file, names in by_file.items():
-        with (nullcontext(_StoredHeaders(source.tensors)) if headers_only else open_safetensors(file)) as f:
-            stored = set(f.keys())
-            for name in names:
-                if name not in stored:
-                    raise CheckpointError(f"{file}: the index lists tensor {name} in this file, which does not hold it")
-                sl = f.get_slice(name)
-                shape, kind = tuple(sl.get_shape()), sl.get_dtype()
-                headers[name] = shape, kind
-                if name.endswith(SCALE_SUFFIX):
-                    weight = name[: -len(SCALE_SUFFIX)]
-                    want = tuple(-(-d // BLOCK) for d in full.get(copies.get(weight, weight), ()))
+    reader = TensorReader(files, shards, copies)  # one handle per file, from its header to its last tensor
+    with reader:
+        present = set()
+        headers: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype) as stored
+        for file, names in by_file.items():
+            with nullcontext(_StoredHeaders(source.tensors) if headers_only else reader.open(file)) as f:
+                stored = set(f.keys())
+                for name in names:
+                    if name not in stored:
+                        raise CheckpointError(f"{file}: the index lists tensor {name} in this file, which does not "
+                                              "hold it")
+                    sl = f.get_slice(name)
+                    shape, kind = tuple(sl.get_shape()), sl.get_dtype()
+                    headers[name] = shape, kind
+                    if name.endswith(SCALE_SUFFIX):
+                        weight = name[: -len(SCALE_SUFFIX)]
+                        want = tuple(-(-d // BLOCK) for d in full.get(copies.get(weight, weight), ()))
+                        if shape != want:
+                            raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {want} (one "
+                                                  f"scale per {BLOCK} x {BLOCK} block of {weight})")
+                        if kind not in ("F32", "F64", "BF16", "F16"):
+                            raise CheckpointError(f"{file}: tensor {name} has dtype {kind}, expected F32")
+                        present.add(name)
+                        continue
+                    want = full[copies.get(name, name)]
                     if shape != want:
-                        raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {want} (one scale "
-                                              f"per {BLOCK} x {BLOCK} block of {weight})")
-                    if kind not in ("F32", "F64", "BF16", "F16"):
-                        raise CheckpointError(f"{file}: tensor {name} has dtype {kind}, expected F32")
+                        raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {want} "
+                                              f"from config.json")
+                    allowed = _FLOAT_DTYPES | ({"F8_E4M3"} if name in fp8_weights else set())
+                    if kind not in allowed:
+                        hint = " (an FP8 weight needs its weight_scale_inv)" if kind.startswith("F8") else ""
+                        raise CheckpointError(f"{file}: tensor {name} has dtype {kind}, expected one of "
+                                              f"{sorted(allowed)}{hint}")
                     present.add(name)
-                    continue
-                want = full[copies.get(name, name)]
-                if shape != want:
-                    raise CheckpointError(f"{file}: tensor {name} has shape {shape}, expected {want} "
-                                          f"from config.json")
-                allowed = _FLOAT_DTYPES | ({"F8_E4M3"} if name in fp8_weights else set())
-                if kind not in allowed:
-                    hint = " (an FP8 weight needs its weight_scale_inv)" if kind.startswith("F8") else ""
-                    raise CheckpointError(f"{file}: tensor {name} has dtype {kind}, expected one of "
-                                          f"{sorted(allowed)}{hint}")
-                present.add(name)
-    missing = sorted(set(full) - present)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{path}: missing tensor(s) {shown}")
+        missing = sorted(set(full) - present)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise CheckpointError(f"{path}: missing tensor(s) {shown}")
 
-    # 2. Allocate, read this process's part of each tensor, check values, copy.
-    def ours(name: str) -> bool:
-        return copies.get(name, name) in local
-    to_read = {file: [n for n in names if not n.endswith(SCALE_SUFFIX) and ours(n)] for file, names in by_file.items()}
-    model = model.to_empty(device=device)
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    if headers_only:
-        model.load_report = LoadReport(path=path, unused_tensors=tuple(sorted(unused)),
-                                       notes=(*notes, "headers only: no tensor was read"), bytes_read=0,
-                                       headers_sha256=headers_digest(headers))
-        return model.eval()
-    targets = model.state_dict()
-    copy_values = {}
-    reader = _Reader(files, shards, copies)
-    total = sum(reader.nbytes(name, *headers[name]) for names in to_read.values() for name in names)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"loading {path.name}",
-               disable=not (progress if progress is not None else total > 2**30))
-    with torch.no_grad(), bar:
+        # 2. Allocate, read this process's part of each tensor, check values, copy.
+        def ours(name: str) -> bool:
+            return copies.get(name, name) in local
+        to_read = {file: [n for n in names if not n.endswith(SCALE_SUFFIX) and ours(n)]
+                   for file, names in by_file.items()}
+        model = model.to_empty(device=device)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        if headers_only:
+            model.load_report = LoadReport(path=path, unused_tensors=tuple(sorted(unused)),
+                                           notes=(*notes, "headers only: no tensor was read"), bytes_read=0,
+                                           headers_sha256=headers_digest(headers))
+            return model.eval()
+        targets = model.state_dict()
+        copy_values = {}
+        total = sum(reader.nbytes(name, *headers[name]) for names in to_read.values() for name in names)
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"loading {path.name}",
+                   disable=not (progress if progress is not None else total > 2**30))
+        last_use = {}  # file -> the last shard (in reading order) that reads from it, for its data or its scales
         for shard_number, (file, names) in enumerate(to_read.items(), 1):
-            bar.set_postfix_str(f"shard {shard_number}/{len(to_read)}", refresh=False)
-            with open_safetensors(file) as f:
+            for name in names:
+                if name in fp8_weights:  # kept FP8 or dequantized, its scales are read with it
+                    last_use[files[name + SCALE_SUFFIX]] = shard_number
+            last_use[file] = shard_number
+        for file in by_file:
+            if file not in last_use:
+                reader.release(file)  # only its headers were needed
+        with torch.no_grad(), bar:
+            for shard_number, (file, names) in enumerate(to_read.items(), 1):
+                bar.set_postfix_str(f"shard {shard_number}/{len(to_read)}", refresh=False)
+                f = reader.open(file)
                 for name in names:
                     value = reader.read(f, file, name)
                     if check_finite_values:
@@ -576,14 +590,17 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
                     else:
                         targets[name].copy_(value)
                     bar.update(reader.nbytes(name, *headers[name]))
-        for name, (file, value) in copy_values.items():
-            main = targets[copies[name]]
-            if not torch.equal(value.to(main.dtype), main):
-                raise CheckpointError(f"{file}: tensor {name} differs from {copies[name]}; dsv3ref shares the main "
-                                      "model's embedding and head with the MTP modules, as the report does")
-    model.load_report = LoadReport(path=path, unused_tensors=tuple(sorted(unused)), notes=tuple(notes),
-                                   bytes_read=reader.bytes_read, headers_sha256=headers_digest(headers))
-    return model.eval()
+                for done in [other for other, last in last_use.items() if last == shard_number]:
+                    reader.release(done)
+            for name, (file, value) in copy_values.items():
+                main = targets[copies[name]]
+                if not torch.equal(value.to(main.dtype), main):
+                    raise CheckpointError(f"{file}: tensor {name} differs from {copies[name]}; dsv3ref shares the main "
+                                          "model's embedding and head with the MTP modules, as the report does")
+        model.load_report = LoadReport(path=path, unused_tensors=tuple(sorted(unused)), notes=tuple(notes),
+                                       bytes_read=reader.bytes_read, headers_sha256=headers_digest(headers),
+                                       files_opened=reader.opens)
+        return model.eval()
 
 
 class _StoredHeaders:
@@ -600,12 +617,37 @@ class _StoredHeaders:
         return SimpleNamespace(get_shape=lambda: list(shape), get_dtype=lambda: kind)
 
 
-class _Reader:
-    """Reads tensors, or this process's Shard of them, and counts the bytes taken from the files."""
+class TensorReader:
+    """Reads tensors, or this process's Shard of them, and counts the bytes taken from the files.
+
+    Each file is opened once (`open`) and kept open until `release` or the end of the `with` block, so
+    a header, its tensors and the block scales beside them cost one open and one header parse."""
 
     def __init__(self, files: dict[str, Path], shards: dict[str, Shard], copies: dict[str, str]):
         self.files, self.shards, self.copies = files, shards, copies
         self.bytes_read = 0
+        self.opens = 0
+        self._handles: dict[Path, tuple[object, ExitStack]] = {}
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for file in list(self._handles):
+            self.release(file)
+
+    def open(self, file: Path):
+        """The open safetensors file (opened now if it is not yet)."""
+        if file not in self._handles:
+            stack = ExitStack()
+            self._handles[file] = stack.enter_context(open_safetensors(file)), stack
+            self.opens += 1
+        return self._handles[file][0]
+
+    def release(self, file: Path) -> None:
+        """Close the file, if open (its data is no longer mapped)."""
+        if file in self._handles:
+            self._handles.pop(file)[1].close()
 
     def shard(self, name: str) -> Shard | None:
         return self.shards.get(self.copies.get(name, name))
@@ -636,8 +678,7 @@ class _Reader:
         name = weight + SCALE_SUFFIX
         file = self.files[name]
         shard = shard or self.shard(weight)
-        with open_safetensors(file) as f:
-            scale = self.read(f, file, name, shard.blocks() if shard is not None else None)
+        scale = self.read(self.open(file), file, name, shard.blocks() if shard is not None else None)
         return check_scale(scale, file, name, weight, weight_shape)
 
     def dequantize(self, weight: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -648,8 +689,7 @@ class _Reader:
             return dequantize_weight(value, self.scale(weight, tuple(value.shape)), dtype=dtype)
         name = weight + SCALE_SUFFIX
         file = self.files[name]
-        with open_safetensors(file) as f:
-            scale = self.read(f, file, name, shard.blocks())
+        scale = self.read(self.open(file), file, name, shard.blocks())
         scale = check_scale(scale, file, name, weight, _covered(value.shape, shard))
         # the block (row, column) of every element of the part, counted from the first block read
         index = [torch.arange(n) // BLOCK for n in value.shape]
@@ -687,5 +727,7 @@ def check_scale(scale: torch.Tensor, file: Path, name: str, weight: str, weight_
 
 
 def read_scale(files: dict[str, Path], weight: str, weight_shape: tuple[int, ...]) -> torch.Tensor:
-    """The whole weight_scale_inv of FP8 weight `weight` (shape weight_shape), read and checked."""
-    return _Reader(files, {}, {}).scale(weight, weight_shape)
+    """The whole weight_scale_inv of FP8 weight `weight` (shape weight_shape), read and checked (opening
+    its file for this one read: to read many, keep a `TensorReader` open)."""
+    with TensorReader(files, {}, {}) as reader:
+        return reader.scale(weight, weight_shape)

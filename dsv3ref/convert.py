@@ -42,9 +42,9 @@ from dsv3ref.atomic import atomic_save_tensors, atomic_write, atomic_write_text,
 from dsv3ref.checkpoint import (
     INDEX_FILE,
     CheckpointError,
+    TensorReader,
     check_finite,
     open_safetensors,
-    read_scale,
     read_tensor,
     tensor_files,
 )
@@ -134,7 +134,8 @@ def _start(work: Path, manifest: dict, files: dict[str, Path]) -> set[str]:
 def _convert_shard(shard: Path, files: dict[str, Path], direction: str, scale_fmt: str | None
                    ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    with open_safetensors(shard) as f:
+    with TensorReader(files, {}, {}) as reader:  # the shard, and any other holding its scales, opened once each
+        f = reader.open(shard)
         for name in f.keys():
             if direction == "fp8-to-bf16" and name.endswith(SCALE_SUFFIX):
                 continue  # read with its weight
@@ -144,7 +145,7 @@ def _convert_shard(shard: Path, files: dict[str, Path], direction: str, scale_fm
                 if t.dtype == E4M3:
                     if name + SCALE_SUFFIX not in files:
                         raise CheckpointError(f"{shard}: FP8 tensor {name} has no {name + SCALE_SUFFIX}")
-                    t = dequantize_weight(t, read_scale(files, name, tuple(t.shape)), dtype=torch.bfloat16)
+                    t = dequantize_weight(t, reader.scale(name, tuple(t.shape)), dtype=torch.bfloat16)
                     check_finite(t, shard, f"{name} (dequantized)")
                 out[name] = t
             elif FP8_WEIGHT.search(name) and t.dim() == 2:  # what the release stores in FP8
@@ -154,11 +155,24 @@ def _convert_shard(shard: Path, files: dict[str, Path], direction: str, scale_fm
     return out
 
 
-def convert(src: str | Path, dst: str | Path, direction: str, scale_fmt: str | None = None, progress=None) -> None:
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: what a container or `taskset` grants)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def convert(src: str | Path, dst: str | Path, direction: str, scale_fmt: str | None = None, progress=None,
+            threads: int | None = None) -> None:
     """Convert the checkpoint in folder src into folder dst ("fp8-to-bf16" or "bf16-to-fp8").
 
     progress: a text stream for a progress bar (tqdm: bytes of SRC done, rate, time left), or None.
+    threads: torch's intra-op threads while converting (default: the CPUs this process may use, never
+    more; torch's own default can exceed them in a container and oversubscribe a busy machine).
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads: expected a positive integer, found {threads!r}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction: found {direction!r}, expected one of {DIRECTIONS}")
     if scale_fmt not in (None, "ue8m0"):
@@ -179,9 +193,14 @@ def convert(src: str | Path, dst: str | Path, direction: str, scale_fmt: str | N
         raise ValueError(f"SRC: {src / 'config.json'} is already FP8")
     _check_destination(src, dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(dst.parent / f".{dst.name}.lock", f"convert into {dst}"):
-        _check_destination(src, dst)  # again, under the lock: a conversion that just finished filled it
-        _convert_locked(src, dst, direction, scale_fmt, progress, files, shards, config)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or available_cpus())
+    try:
+        with exclusive(dst.parent / f".{dst.name}.lock", f"convert into {dst}"):
+            _check_destination(src, dst)  # again, under the lock: a conversion that just finished filled it
+            _convert_locked(src, dst, direction, scale_fmt, progress, files, shards, config)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _convert_locked(src: Path, dst: Path, direction: str, scale_fmt: str | None, progress, files: dict[str, Path],
@@ -250,6 +269,16 @@ def _nbytes(shape, dtype: str) -> int:
     return n * _BYTES[dtype]
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsv3ref.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -258,9 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="destination folder (new, or empty)")
     parser.add_argument("--scale-fmt", choices=["ue8m0"], default=None,
                         help="bf16-to-fp8: power-of-two scales, as DeepSeek-V3.1 configs request")
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="threads to compute with (default: the CPUs this process may use, here "
+                             f"{available_cpus()})")
     args = parser.parse_args(argv)
     try:
-        convert(args.src, args.dst, args.direction, scale_fmt=args.scale_fmt, progress=sys.stderr)
+        convert(args.src, args.dst, args.direction, scale_fmt=args.scale_fmt, progress=sys.stderr,
+                threads=args.threads)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

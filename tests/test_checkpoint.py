@@ -160,3 +160,27 @@ def test_bad_arguments_are_clear(saved):
         model(torch.zeros(1, 129, dtype=torch.long))
     with pytest.raises(ValueError, match="expected an integer tensor"):
         model(torch.zeros(1, 3))
+
+
+def test_each_file_is_opened_once_headers_tensors_and_scales_through_one_handle(tmp_path, monkeypatch):
+    """A load opens every safetensors file once (the release has 163; opening a shard again for each FP8
+    weight's scales re-parses its header thousands of times), also with a parallel plan's slices."""
+    from dsv3ref import checkpoint
+    from dsv3ref.convert import convert
+    cfg = tiny_config(hidden_size=128, num_nextn_predict_layers=1)
+    dsv3ref.save_pretrained(random_dsv3ref(cfg, 3), tmp_path / "bf16", max_shard_bytes=150_000)
+    convert(tmp_path / "bf16", tmp_path / "fp8", "bf16-to-fp8")
+    files = set(json.loads((tmp_path / "fp8" / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(files) >= 4
+    opened = []
+    real = checkpoint.safe_open
+
+    def counting(path, *args, **kwargs):
+        opened.append(path)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(checkpoint, "safe_open", counting)
+    for gemm in ("fp8", "bf16"):  # FP8 kept with its scales, or dequantized on load
+        opened.clear()
+        model = DeepseekV3.from_pretrained(tmp_path / "fp8", gemm_impl=gemm, moe_impl="loop")
+        assert sorted(str(p) for p in opened) == sorted(str(tmp_path / "fp8" / f) for f in files), gemm
+        assert model.load_report.files_opened == len(files)

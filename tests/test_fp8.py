@@ -7,6 +7,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -471,3 +472,25 @@ def test_an_ue8m0_fp8_linear_quantizes_its_activations_with_power_of_two_scales_
     assert rel_err(layer(x.float()), expected) < 1e-6  # float32 accumulation of exact products
     # the activations' scale format is visible: amax / 448 tile scales give another product
     assert rel_err(_tiles_by_hand(x, 1, 128, ue8m0=False) @ w_deq.T, expected) > 1e-3
+
+
+def test_conversion_opens_each_shard_once_and_uses_the_threads_asked(tmp_path, monkeypatch):
+    """fp8-to-bf16 reads each FP8 weight's scales through the handle of its shard (opening the shard again
+    per weight re-parsed its header: 1,620 opens for one shard of the release); --threads sets torch's
+    threads while converting and restores them after; a bad --threads is refused where parsed."""
+    from dsv3ref import checkpoint
+    _many_shards(tmp_path / "src", 3)
+    convert_main(["bf16-to-fp8", str(tmp_path / "src"), str(tmp_path / "fp8")])
+    opened, threads = [], []
+    real_open, real_threads = checkpoint.safe_open, torch.set_num_threads
+    monkeypatch.setattr(checkpoint, "safe_open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: threads.append(n) or real_threads(n))
+    before = torch.get_num_threads()
+    assert convert_main(["fp8-to-bf16", str(tmp_path / "fp8"), str(tmp_path / "bf16"), "--threads", "1"]) == 0
+    shards = sorted(p.name for p in (tmp_path / "fp8").glob("*.safetensors"))
+    assert sorted(Path(p).name for p in opened) == shards and len(shards) == 3
+    assert threads == [1, before] and torch.get_num_threads() == before
+    with pytest.raises(SystemExit):
+        convert_main(["fp8-to-bf16", str(tmp_path / "fp8"), str(tmp_path / "x"), "--threads", "0"])
+    with pytest.raises(ValueError, match="threads: expected a positive integer, found 0"):
+        convert(tmp_path / "fp8", tmp_path / "y", "fp8-to-bf16", threads=0)

@@ -542,15 +542,16 @@ def a_resumed_run_lists_every_step_once(base, tmp, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@case("silent wrong results", "`train --lr inf`, `--mtp-lambda nan`, `--gamma nan`, `--warmup -1`; through the API "
-      "NaN `grad_clip`, `weight_decay`, `min_lr`, negative `warmup`",
+@case("silent wrong results", "`train --lr inf`, `--mtp-lambda nan`, `--gamma nan`, `--gamma-late -1`, `--warmup -1`; "
+      "through the API NaN `grad_clip`, `weight_decay`, `min_lr`, negative `warmup`, `gamma_switch` 1.5",
       "each refused before the first step, naming the flag or field and what is expected")
 def training_hyperparameters_are_checked(base, tmp, monkeypatch):
-    for flag, value in (("--lr", "inf"), ("--mtp-lambda", "nan"), ("--gamma", "nan"), ("--warmup", "-1")):
+    for flag, value in (("--lr", "inf"), ("--mtp-lambda", "nan"), ("--gamma", "nan"), ("--gamma-late", "-1"),
+                        ("--warmup", "-1")):
         result = cli("train", "--out-dir", str(tmp / "never"), flag, value)
         assert result.returncode == 2 and f"argument {flag}: expected" in result.stderr.decode(), result.stderr
     for field, value in (("grad_clip", math.nan), ("weight_decay", math.nan), ("min_lr", math.nan), ("warmup", -3),
-                         ("lr", math.inf)):
+                         ("lr", math.inf), ("gamma_switch", 1.5)):
         with pytest.raises(ValueError, match=f"{field}: expected .*, found {value!r}"):
             run_config(tmp / "never", **{field: value})
     assert not (tmp / "never").exists()

@@ -8,8 +8,8 @@ The notebooks are the course's source: edit them in JupyterLab (jupytext keeps e
 notebook is synced with its `.py` (`jupytext --sync`: the newer side wins, so an edit made on either
 side is kept). The executed notebook is saved with its figures and text outputs, so the code host
 shows them; what would change on every run without meaning anything is left out: per-cell timing
-metadata; consecutive prints are saved as one stream output, as JupyterLab saves them (so opening
-and saving a notebook changes nothing). A run that writes to stderr, raises, or prints a machine path
+metadata; consecutive prints are saved as one stream output, and a progress bar as its last state,
+as JupyterLab saves them (so opening and saving a notebook changes nothing). A run that writes to stderr, raises, or prints a machine path
 or an object address fails (tests/test_notebooks.py checks the same on every CI run, and nbval
 re-runs every cell against its committed output).
 """
@@ -48,8 +48,19 @@ def problems(nb: nbformat.NotebookNode) -> list[str]:
     return found
 
 
+def settle_carriage_returns(text: str) -> str:
+    """What a terminal (and JupyterLab, which saves it so) shows of text written with carriage returns:
+    each line's last rewrite. A progress bar is saved as its final state, not as every update."""
+    lines = []
+    for line in text.split("\n"):
+        parts = [p for p in line.split("\r") if p]
+        lines.append(parts[-1] if parts else "")
+    return "\n".join(lines)
+
+
 def coalesce_streams(outputs: list) -> list:
-    """Consecutive stream outputs of the same name (stdout, stderr) merged into one."""
+    """Consecutive stream outputs of the same name (stdout, stderr) merged into one, carriage returns
+    settled as JupyterLab saves them."""
     merged: list = []
     for out in outputs:
         if merged and out.output_type == "stream" and merged[-1].output_type == "stream" \
@@ -57,6 +68,9 @@ def coalesce_streams(outputs: list) -> list:
             merged[-1].text += out.text
         else:
             merged.append(out)
+    for out in merged:
+        if out.output_type == "stream":
+            out.text = settle_carriage_returns(out.text)
     return merged
 
 
