@@ -37,11 +37,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
+from dsv3ref import planted_bugs
+from dsv3ref.config import ModelConfig
 from dsv3ref.fp8 import AMAX_FLOOR, BLOCK, E4M3, E4M3_MAX
+from dsv3ref.model import DeepseekV3
+from dsv3ref.oracle import compare, trace
 
 
 @dataclass
@@ -555,7 +560,6 @@ def check_quantization(quantize_weight: Callable, quantize_activation: Callable)
 def bugs() -> dict[str, Callable]:
     """The bugs a mystery model may carry: name -> planted_bugs context manager. Those taking a layer
     are planted in one MoE layer; the others in every attention layer at once."""
-    from dsv3ref import planted_bugs
     return {"non_interleaved_rope": planted_bugs.non_interleaved_rope,
             "yarn_without_mscale": planted_bugs.yarn_without_mscale,
             "bias_in_combine_weights": planted_bugs.bias_in_combine_weights,
@@ -567,7 +571,6 @@ LAYERED = ("bias_in_combine_weights", "swapped_shared_expert")
 
 def plant(model, answer: tuple[str, int | None] | None):
     """The context manager that plants `answer` = (bug name, layer or None) in `model` (None: no bug)."""
-    from contextlib import nullcontext
     if answer is None:
         return nullcontext()
     name, layer = answer
@@ -585,8 +588,6 @@ def plant(model, answer: tuple[str, int | None] | None):
 def mystery_model(seed: int = 0):
     """A tiny float64 DeepSeek-V3 (YaRN on, non-zero balancing biases) whose weights keep attention far
     from uniform, so that every planted bug shows in its trace."""
-    from dsv3ref.config import ModelConfig
-    from dsv3ref.model import DeepseekV3
     cfg = ModelConfig.preset("tiny").replace(num_nextn_predict_layers=0)
     torch.manual_seed(seed)
     model = DeepseekV3(cfg).double().eval()
@@ -616,8 +617,6 @@ def _mysteries() -> list[tuple[str, dict]]:
 
 
 def _bug_judge(diagnose: Callable) -> Callable[[str, dict], None]:
-    from dsv3ref.oracle import compare, trace
-
     def judge(case: str, x: dict) -> None:
         model = mystery_model(x["seed"])
         reference = trace(model, x["input_ids"])

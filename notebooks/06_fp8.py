@@ -28,7 +28,8 @@
 # backward, where earlier FP8 training used E4M3 in the forward pass and the wider-range E5M2 for
 # gradients; and *online* scales, each tile's maximum taken from the tile itself at the moment it is
 # quantized, instead of delayed scaling from the maxima of earlier iterations. The training side
-# described but not run here (sections 3.3.3-3.3.4): activations cached for the backward pass in FP8,
+# described but not run here (§3.3, low-precision storage and communication): activations cached for
+# the backward pass in FP8,
 # the MoE dispatch sent in FP8 (the combine stays BF16), and AdamW's moments kept in BF16. Section 4
 # below promotes every N_C = 128 elements: on an H800 that is four WGMMA instructions.
 #

@@ -106,7 +106,8 @@ print(f"lambda 0.1 from step {late[0] + 1}, gamma 0 from step {frozen[0] + 1} of
 # bar shows the steps, the loss and the bytes per second.
 
 # %%
-# NBVAL_IGNORE_OUTPUT (the progress bar's times differ from run to run)
+# NBVAL_IGNORE_OUTPUT
+# (nbval: the progress bar's times differ from run to run)
 with contextlib.redirect_stderr(sys.stdout):  # the bar on stdout: a notebook shows stderr as an alarm
     final = train(cfg, corpus=corpus)
 
@@ -236,17 +237,23 @@ print(f"validation loss with MTP {pm(mtp['with_mtp_final_val_loss'])}, without {
       f"gain per seed {[f'{g:.1%}' for g in mtp['relative_gain']['values']]}")
 mtp_holds = holds(mtp["with_mtp_final_val_loss"], mtp["without_mtp_final_val_loss"])
 print(f"{'reproduced' if mtp_holds else 'NOT reproduced':15} the MTP objective improves the main model at equal steps")
+print(f"{'reproduced' if min(mtp['acceptance_rate']['values']) > 0.5 else 'NOT reproduced':15} the trained MTP "
+      "module's drafts are mostly accepted")
 print(f"draft acceptance (greedy, held-out prompts): trained {pm(mtp['acceptance_rate'], '.1%')}, untrained "
       f"{pm(mtp['untrained_acceptance_rate'], '.1%')}; speculative tokens equal greedy in every seed: "
       f"{mtp['same_tokens_as_greedy']}")
 display(Image(filename=str(results / "mtp.png")))
 
 # %% [markdown]
-# What this shows: with the same steps, the main model trained with the MTP objective ends with a lower
-# validation loss in every seed, by more than the seeds' spread: the claim is reproduced here at
-# small scale (for bytes, where the byte after next is often determined, which may make the extra
-# signal unusually useful). The acceptance rate is above the report's 85-90%, but on bytes and with
-# greedy repetitions, which are easy to draft: not comparable one to one.
+# What this shows: one seed (seed 0) gains clearly from the MTP objective, 7% of its validation loss;
+# the other two gain under 1% and nothing. The gain is not of one sign beyond the seeds' spread, so
+# the claim is *not* reproduced at this scale: at 0.9M parameters and 300 steps the MTP objective's
+# effect on the main model cannot be told from the variation between seeds. A single run, seed 0's,
+# would have reported 7% (this course's first pass did): which is why a claim that rests on a
+# difference is measured over several seeds. What is reproduced is the draft's usefulness: the trained
+# module's drafts are accepted about 89% of the time in every seed, against none for an untrained
+# one, and the tokens are exactly greedy's; the rate lies in the report's 85-90%, but for bytes and
+# greedy repetitions, which are easy to draft, so the match is not like for like.
 
 # %% [markdown]
 # **FP8.** The same run with every FP8 layer's three GEMMs in FP8 (1x128 activation tiles, 128x128
@@ -282,7 +289,8 @@ assert accept["trained"][2] and accept["untrained"][2]              # speculativ
 assert accept["trained"][0] > accept["untrained"][0] + 0.2           # and trained drafts are accepted far more
 assert len(seeds) >= 3 and verdicts["the bias balances better than no balancing"]
 assert not verdicts["at the report's gamma, the bias balances better than the aux loss"]  # said above, plainly
-assert mtp_holds and mtp["same_tokens_as_greedy"]
+assert not mtp_holds and mtp["same_tokens_as_greedy"]                # said above, plainly
+assert min(mtp["acceptance_rate"]["values"]) > max(mtp["untrained_acceptance_rate"]["values"]) + 0.5
 print("all checks passed")
 
 # %% [markdown]

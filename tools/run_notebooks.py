@@ -9,9 +9,9 @@ notebook is synced with its `.py` (`jupytext --sync`: the newer side wins, so an
 side is kept). The executed notebook is saved with its figures and text outputs, so the code host
 shows them; what would change on every run without meaning anything is left out: per-cell timing
 metadata; consecutive prints are saved as one stream output, and a progress bar as its last state,
-as JupyterLab saves them (so opening and saving a notebook changes nothing). A run that writes to stderr, raises, or prints a machine path
-or an object address fails (tests/test_notebooks.py checks the same on every CI run, and nbval
-re-runs every cell against its committed output).
+as JupyterLab saves them (so opening and saving a notebook changes nothing). A run that writes to
+stderr, raises, or prints a machine path or an object address fails (tests/test_notebooks.py checks
+the same on every CI run, and nbval re-runs every cell against its committed output).
 """
 
 from __future__ import annotations
