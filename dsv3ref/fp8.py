@@ -57,7 +57,7 @@ def _pad_to(x: torch.Tensor, dims: tuple[int, ...], block: int) -> torch.Tensor:
     pad = []
     for d in reversed(range(x.dim())):
         pad += [0, (-x.shape[d]) % block if d in dims else 0]
-    return F.pad(x, pad)
+    return F.pad(x, pad) if any(pad) else x  # on the grid already (most weights): no padded copy
 
 
 def _ue8m0(scale: torch.Tensor) -> torch.Tensor:
