@@ -18,7 +18,8 @@ def add_config_args(parser: argparse.ArgumentParser, preset: str = "small") -> N
     parser.add_argument("--preset", default=preset, help="ModelConfig preset (default: %(default)s)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override config fields, e.g. --set hidden_size=2048 num_hidden_layers=2")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads, pinned for the whole run (default 1: the machine is shared)")
 
 
 def config_from_args(args: argparse.Namespace) -> dsv3ref.ModelConfig:

@@ -14,7 +14,9 @@ For each context length C and batch size B: prefill B random prompts of C tokens
 DeepseekV3ForCausalLM with its default cache (which stores the latent but re-expands it through
 kv_b_proj at every step) and its SDPA attention; with --compile also with a StaticCache and
 torch.compile(fullgraph=True) over its forward, as its documentation describes compiled decoding.
-Ratios > 1 mean faster than HF's eager decoding.
+Ratios > 1 mean faster than HF's eager decoding. Contenders run interleaved, one run each per round
+(--repeats rounds, after a warm-up); each row reports the median, and the range of the decode times
+in brackets. One thread unless --threads says more: the machine is shared.
 
 The floor: a decode step must read every weight it uses once, so the weight bytes a step activates
 (attention, dense and shared FFNs, the routed experts its tokens choose, norms, the head; not the
@@ -26,6 +28,7 @@ MoE layer; the floor counts that many (capped at all experts).
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from functools import partial
@@ -74,8 +77,8 @@ def hf_compiled(model):
     def run(ids: torch.Tensor, steps: int) -> tuple[float, float]:
         b, t = ids.shape
         cache = StaticCache(config=model.config, max_cache_len=t + steps)
-        start = time.perf_counter()
-        out = model(ids, cache=cache, use_cache=True, cache_position=torch.arange(t), logits_to_keep=1)
+        start = time.perf_counter()  # the prefill through the compiled forward too (compiled per prompt shape)
+        out = forward(ids, cache=cache, use_cache=True, cache_position=torch.arange(t), logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         prefill = time.perf_counter() - start
         start = time.perf_counter()
@@ -111,12 +114,15 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--no-naive", action="store_true", help="skip dsv3ref's naive path")
     parser.add_argument("--compile", action="store_true", help="add dsv3ref's and HF's compiled decoding")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per row; the best is reported")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="rounds per row, contenders interleaved; the median is reported, the range beside")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
     from transformers import DeepseekV3ForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     bandwidth = read_bandwidth()
     print(f"machine: {machine()}; read bandwidth {bandwidth / 1e9:.1f} GB/s")
     print(f"config: preset {args.preset!r} {' '.join(args.set)}; hidden {cfg.hidden_size}, layers "
@@ -144,23 +150,29 @@ def main() -> None:
             for context in args.contexts:
                 g = torch.Generator().manual_seed(context)
                 ids = torch.randint(0, cfg.vocab_size, (batch, context), generator=g)
-                result = {}
-                for name, run in runs.items():
+                for name, run in list(runs.items()):
                     try:
                         # warm-up; compiled rows compile for these very shapes (a static graph per cache size)
                         run(*((ids, args.decode_tokens) if "compiled" in name else (ids[:, :32], 2)))
-                        # the best of `repeats` runs (prefill and decode each): one run varies by up to 20%
-                        times = [run(ids, args.decode_tokens) for _ in range(args.repeats)]
-                        result[name] = (min(t[0] for t in times), min(t[1] for t in times))
                     except Exception as e:  # a contender that cannot run here says why, once
                         print(f"{name}: cannot run ({type(e).__name__}: {str(e).splitlines()[0][:150]})")
-                        runs = {k: v for k, v in runs.items() if k != name}
+                        del runs[name]
+                # interleaved: every round runs each contender once (A, B, C, A, B, C, ...), so a machine
+                # that gets busier or quieter during the measurement weighs on all of them alike
+                times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+                for _ in range(args.repeats):
+                    for name, run in runs.items():
+                        times[name].append(run(ids, args.decode_tokens))
+                result = {name: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+                          for name, ts in times.items()}
                 rows.append((batch, context, result))
                 hf_prefill, hf_decode = result["HF transformers"]
                 for name, (prefill, decode) in result.items():
+                    spread = [1e3 * t[1] for t in times[name]]
                     print(f"batch {batch} context {context:5d}  {name:24s} "
                           f"prefill {batch * context / prefill:8.0f} tok/s "
                           f"({hf_prefill / prefill:4.2f}x HF)   decode {1e3 * decode:7.2f} ms/step "
+                          f"[{min(spread):.2f}-{max(spread):.2f}] "
                           f"({hf_decode / decode:5.2f}x HF, {decode / floor:4.1f}x the floor)", flush=True)
 
 
