@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import math
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ import torch
 import torch.distributed as dist
 
 from dsv3ref import DeepseekV3, ModelConfig, count_parameters, generate, save_pretrained
+from dsv3ref.argtypes import integer as _integer
+from dsv3ref.argtypes import number as _number
 from dsv3ref.checkpoint import resolve_dtype, resolve_implementation, stores_fp8
 from dsv3ref.impl import AUTO, CHOICES, Implementation
 from dsv3ref.oracle import compare, trace, trace_hf
@@ -441,37 +442,6 @@ def train_cmd(args: argparse.Namespace) -> int:
              if k in ("step", "loss", "mtp_loss", "val_loss", "val_maxvio", "tokens_per_second")}
     print(f"{shown}; checkpoints and metrics.jsonl in {cfg.out_dir}")
     return 0
-
-
-def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
-    """argparse type: an integer in [low, high) (no upper bound when high is None)."""
-    span = f">= {low}" if high is None else f"in [{low}, {high})"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer {span}, found {text!r}") from None
-        if value < low or (high is not None and value >= high):
-            raise argparse.ArgumentTypeError(f"expected an integer {span}, found {value}")
-        return value
-    return parse
-
-
-def _number(low: float = 0.0, *, open_low: bool = False, high: float | None = None) -> Callable[[str], float]:
-    """argparse type: a finite number >= low (> low with open_low), <= high."""
-    span = f"{'>' if open_low else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a finite number {span}, found {text!r}") from None
-        if not (math.isfinite(value) and (value > low if open_low else value >= low)
-                and (high is None or value <= high)):
-            raise argparse.ArgumentTypeError(f"expected a finite number {span}, found {text}")
-        return value
-    return parse
 
 
 _positive = _integer(1)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dsv3ref.argtypes import integer
 from dsv3ref.atomic import atomic_save_tensors, atomic_write, atomic_write_text, is_plain_name, remove_temporaries
 from dsv3ref.checkpoint import (
     INDEX_FILE,
@@ -269,16 +270,6 @@ def _nbytes(shape, dtype: str) -> int:
     return n * _BYTES[dtype]
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsv3ref.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -287,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dst", help="destination folder (new, or empty)")
     parser.add_argument("--scale-fmt", choices=["ue8m0"], default=None,
                         help="bf16-to-fp8: power-of-two scales, as DeepSeek-V3.1 configs request")
-    parser.add_argument("--threads", type=_positive, default=None,
+    parser.add_argument("--threads", type=integer(1), default=None,
                         help="threads to compute with (default: the CPUs this process may use, here "
                              f"{available_cpus()})")
     args = parser.parse_args(argv)

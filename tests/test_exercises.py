@@ -82,10 +82,10 @@ def test_the_router_checker_accepts_any_choice_among_exact_ties_and_refuses_a_wo
     # 4 groups of 2 (scores 1.0, 0.5, 1.0, 1.0): keep 2 of the three tied groups {0, 2, 3}, choose 2 experts
     # the best (0.75 in group 2) and any 0.5 from group 0 or 3
     for got in ([4, 0], [4, 1], [4, 6], [4, 7]):
-        assert exercises._valid_tie(scores[0], bias, 4, 2, 2, got), got
-    assert exercises._valid_tie(scores[0], bias, 4, 2, 2, [0, 1])  # groups 0 and 3 kept (3 beats 2 on a tie)
+        assert exercises._valid_tie(scores[0], bias, 4, 2, got), got
+    assert exercises._valid_tie(scores[0], bias, 4, 2, [0, 1])  # groups 0 and 3 kept (3 beats 2 on a tie)
     for got in ([4, 5], [0, 5], [4, 2]):  # 0.25 over a 0.5; 0.25 over the 0.75; group 1 is not among the best
-        assert not exercises._valid_tie(scores[0], bias, 4, 2, 2, got), got
+        assert not exercises._valid_tie(scores[0], bias, 4, 2, got), got
 
 
 def test_the_routing_reference_is_dsv3refs_router():
