@@ -724,10 +724,3 @@ def check_scale(scale: torch.Tensor, file: Path, name: str, weight: str, weight_
         raise CheckpointError(f"{file}: tensor {name} holds scales up to {scale.max().item():.3g}: times E4M3's "
                               f"largest value {E4M3_MAX:g} that overflows float32")
     return scale.float()
-
-
-def read_scale(files: dict[str, Path], weight: str, weight_shape: tuple[int, ...]) -> torch.Tensor:
-    """The whole weight_scale_inv of FP8 weight `weight` (shape weight_shape), read and checked (opening
-    its file for this one read: to read many, keep a `TensorReader` open)."""
-    with TensorReader(files, {}, {}) as reader:
-        return reader.scale(weight, weight_shape)
