@@ -15,7 +15,9 @@
 #    experts, as a launch allocates them): the kernel "auto" picks against the exact emulation, and the
 #    planner against torch's allocator at 32 prompts x 4096 tokens;
 # 8. with more than one GPU: two layers at DeepSeek-V3's widths, every layout and exchange over NCCL at
-#    the GPUs' count against one process (float64).
+#    the GPUs' count against one process (float64);
+# 9. the kernel oracle's sweep (python -m dsv3ref.kernels.check) on CUDA: the reference itself, torch's
+#    blockwise scaled_mm as DeepGEMM's fp8_gemm_nt, FlashMLA-style decoding from sgl-kernel when installable.
 set -euo pipefail
 out=${1:-.}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -91,4 +93,20 @@ EOF3
     python3 -m torch.distributed.run --nproc-per-node "$gpus" -m dsv3ref.parallel.selfcheck "$ckpt/wide" \
       --layout "$1" --moe-comm "$2" 2>&1 | tail -1 | tee -a "$out/scale_out_nccl_multi.txt"
   done
+fi
+# 9. the kernel oracle (dsv3ref.kernels.check) against GPU kernels at DeepSeek-V3's shapes: the reference
+#    on CUDA (must pass), torch's blockwise scaled_mm as DeepGEMM's fp8_gemm_nt, and FlashMLA-style
+#    decoding from sgl-kernel (installed here if the machine reaches PyPI; said so if it cannot).
+for op in "mla_decode dsv3ref.kernels:flash_mla_with_kvcache" "fp8_gemm dsv3ref.kernels:fp8_gemm_nt" \
+          "fp8_gemm kernel_adapters:scaled_mm_gemm"; do
+  set -- $op
+  PYTHONPATH=$PWD:$PWD/benchmarks python3 -m dsv3ref.kernels.check "$2" --op "$1" --device cuda \
+    2>&1 | tail -3 | tee -a "$out/kernel_checks.txt" || true
+done
+if python3 -c "import sgl_kernel" 2>/dev/null || timeout 120 pip install -q sgl-kernel 2>/dev/null; then
+  PYTHONPATH=$PWD:$PWD/benchmarks python3 -m dsv3ref.kernels.check kernel_adapters:flash_mla_decode \
+    --op mla_decode --device cuda 2>&1 | tee -a "$out/kernel_checks.txt" || true
+else
+  echo "sgl-kernel: not installed and not installable here (no PyPI): FlashMLA decoding not checked" \
+    | tee -a "$out/kernel_checks.txt"
 fi

@@ -44,6 +44,7 @@ from dsv3ref.generate import Generation, generate
 from dsv3ref.impl import Implementation
 from dsv3ref.model import DeepseekV3
 from dsv3ref.oracle import Comparison, compare, trace, trace_hf, trace_modules
+from dsv3ref.paged_cache import PagedKVCache
 from dsv3ref.parallel.planner import MemoryPlan, plan
 from dsv3ref.params import ParameterCount, count_parameters
 from dsv3ref.tokenizer import StreamDecoder, Tokenizer
@@ -55,6 +56,7 @@ __all__ = [
     "Generation",
     "Implementation",
     "KVCache",
+    "PagedKVCache",
     "MemoryPlan",
     "ModelConfig",
     "ParameterCount",

@@ -156,7 +156,8 @@ def _reply(model, tokenizer, ids, args, out) -> list[int]:
 
     options = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                    eos_token_id=tokenizer.eos_token_id, seed=args.seed, compile=getattr(args, "compile", False),
-                   prefill_chunk=getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
+                   prefill_chunk=getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK),
+                   cache_kind=getattr(args, "cache", "static"))
     if getattr(args, "speculative", False):
         options["speculative"] = True
     if model.parallel is not None and model.parallel.parallel.layout == "dp":  # all ranks step together
@@ -176,13 +177,13 @@ def _device(args: argparse.Namespace, torchrun_device: torch.device | None) -> t
     return torch.device(args.device)
 
 
-def _summary(model: DeepseekV3, prefill_chunk: int) -> str:
+def _summary(model: DeepseekV3, prefill_chunk: int, cache: str = "static") -> str:
     """How the launched model computes, in words (printed once at the start)."""
     impl = model.impl
     gemm = f"fp8 GEMMs ({impl.fp8_kernel})" if impl.gemm_impl == "fp8" else f"{str(model.dtype)[6:]} GEMMs"
     mtp = f"MTP loaded ({len(model.mtp_layers)})" if len(model.mtp_layers) else "MTP not loaded"
     return (f"{gemm}, {str(model.dtype)[6:]} on {model.device}, attention {impl.attn_impl}, experts {impl.moe_impl}, "
-            f"{mtp}, prefill {prefill_chunk} tokens a pass")
+            f"{mtp}, prefill {prefill_chunk} tokens a pass" + (", paged latent cache" if cache == "paged" else ""))
 
 
 def _text_model(args: argparse.Namespace, seq_len: Callable[[Tokenizer], int]
@@ -202,6 +203,9 @@ def _text_model(args: argparse.Namespace, seq_len: Callable[[Tokenizer], int]
     if args.speculative and args.layout == "dp":
         raise CliError("--speculative: not available with --layout dp (each rank would call the model a different "
                        "number of times); use --layout tp")
+    if args.cache == "paged" and (args.attn_impl != "absorb" or args.compile):
+        raise CliError("--cache paged: pages the latent cache of --attn-impl absorb, read eagerly (found "
+                       f"--attn-impl {args.attn_impl}{' --compile' if args.compile else ''})")
     if torchrun and args.compile and (args.layout, args.moe_comm) != ("tp", "allreduce"):
         raise CliError(f"--compile under torchrun: supported with --layout tp --moe-comm allreduce (the exchange of "
                        f"--layout {args.layout} --moe-comm {args.moe_comm} has sizes that depend on the routing, "
@@ -254,7 +258,8 @@ def _text_model(args: argparse.Namespace, seq_len: Callable[[Tokenizer], int]
         label += f"; rank {rank} of {world}, layout {args.layout}, {args.moe_comm}"
     elif failure is not None:
         raise failure
-    return model, tokenizer, f"{label}; {_summary(model, args.prefill_chunk)}", rank == 0
+    summary = _summary(model, args.prefill_chunk, getattr(args, "cache", "static"))
+    return model, tokenizer, f"{label}; {summary}", rank == 0
 
 
 CHAT_PLANNED_HISTORY = 4096
@@ -478,6 +483,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="decode through torch.compile (one graph, captured once)")
     p.add_argument("--speculative", action="store_true",
                    help="self-speculative decoding with the MTP module (loaded only then)")
+    p.add_argument("--cache", choices=("static", "paged"), default="static",
+                   help="the KV cache: static, or the latent in 64-position pages read through the FlashMLA-shaped "
+                        "op (needs --attn-impl absorb)")
     p.add_argument("--prefill-chunk", type=_positive, default=DEFAULT_PREFILL_CHUNK,
                    help="tokens one prefill pass takes at most (bounds its memory; the text does not change)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

@@ -21,6 +21,9 @@ import torch.nn.functional as F
 from einops import einsum, reduce
 from torch import nn
 
+from dsv3ref.kernels.gemm import contiguous_layout
+from dsv3ref.swap import current
+
 
 def grouped_mm_supported(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> bool:
     """Whether torch's grouped_mm takes `dtype` on a device of this type: float32, bf16 and fp16 on
@@ -44,8 +47,17 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
 
     x (rows, in) sorted by group; w (groups, out, in); counts (groups,) rows of each group
     (summing to rows). Returns (rows, out). Falls back to one matmul per non-empty group where
-    grouped_mm is not available (float64, older torch, other devices).
+    grouped_mm is not available (float64, older torch, other devices). Inside
+    `dsv3ref.kernels.use(grouped_gemm=fn)`, fn computes it in DeepGEMM's contiguous layout instead
+    (`m_grouped_bf16_gemm_nt_contiguous(a, b, d, m_indices)`: each group's rows padded to 128).
     """
+    if current().grouped_gemm is not None:
+        m_indices, rows = contiguous_layout(counts.tolist())
+        a = x.new_zeros(len(m_indices), x.shape[1])  # (M_sum, in), padding rows zero
+        a[rows.to(x.device)] = x
+        d = x.new_empty(len(m_indices), w.shape[1])
+        current().grouped_gemm(a, w, d, m_indices.to(x.device))
+        return d[rows.to(x.device)]
     if _can_use_grouped_mm(x, w):
         offs = counts.cumsum(0).to(torch.int32)
         return F.grouped_mm(x, w.transpose(1, 2), offs=offs)

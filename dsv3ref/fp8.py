@@ -35,6 +35,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from dsv3ref.impl import CHOICES, check_choice
+from dsv3ref.swap import current
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -124,6 +125,15 @@ def tile_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_s
     for kb in range(ab.shape[0]):  # one K block at a time: memory of one (m, n) partial sum
         acc = acc + ((ab[kb] @ bb[kb].T) * a_s[kb] * b_s[kb]).to(accumulate)
     return acc
+
+
+def mn_major_tma_aligned(sf: torch.Tensor) -> torch.Tensor:
+    """Scales sf (..., rows, kb) laid out as DeepGEMM reads LHS scales: MN-major (rows contiguous), the
+    row axis padded to a multiple of 4 (16 bytes, TMA's alignment). Same values, other strides."""
+    rows, kb = sf.shape[-2:]
+    store = sf.new_zeros(*sf.shape[:-2], kb, rows + (-rows) % 4)
+    store[..., :rows] = sf.transpose(-1, -2)
+    return store.transpose(-1, -2)[..., :rows, :]
 
 
 def rows_of_blocks(block_scale: torch.Tensor, rows: int, block: int = BLOCK) -> torch.Tensor:
@@ -309,6 +319,8 @@ class FP8Linear(nn.Module):
             return x.new_zeros(*x.shape[:-1], self.out_features)
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
         x_q, x_scale = quantize_activation(flat, scale_fmt=self.scale_fmt)
+        if current().fp8_gemm is not None:
+            return self.swapped_gemm(current().fp8_gemm, x_q, x_scale, x.dtype).reshape(*x.shape[:-1], -1)
         if self.kernel == "scaled_mm":
             w_rowwise = None
             if scaled_mm_recipe(x.device) == "rowwise":
@@ -319,6 +331,18 @@ class FP8Linear(nn.Module):
             y = fp8_matmul(x_q, x_scale, self.weight, self.weight_scale_inv,
                            accumulate=torch.promote_types(x.dtype, torch.float32))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def swapped_gemm(self, gemm: Callable, x_q: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype
+                     ) -> torch.Tensor:
+        """The product through a user's function with DeepGEMM's `fp8_gemm_nt((a, sfa), (b, sfb), d)`
+        interface (`dsv3ref.kernels.use(fp8_gemm=...)`). K is zero-padded to whole 128-blocks, as that
+        interface requires (an E4M3 zero adds nothing); the activation scales are handed over MN-major and
+        TMA-aligned, as DeepGEMM reads them; d (tokens, out) is in the activations' dtype."""
+        k = x_scale.shape[1] * BLOCK
+        weight = self._from_weight("padded", lambda: _pad_fp8(self.weight, self.out_features, k))
+        d = torch.empty(x_q.shape[0], self.out_features, dtype=dtype, device=x_q.device)
+        gemm((_pad_fp8(x_q, x_q.shape[0], k), mn_major_tma_aligned(x_scale)), (weight, self.weight_scale_inv), d)
+        return d
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, fp8 128x128 blocks, "

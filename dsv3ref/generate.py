@@ -127,8 +127,8 @@ def compiled_cache_length(model: DeepseekV3, needed: int) -> int:
 
 
 def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, eos: set[int],
-           stream, compile: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pad_to: int = 0
-           ) -> tuple[list[list[int]], list[bool], dict, KVCache]:
+           stream, compile: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, pad_to: int = 0,
+           cache_kind: str = "static") -> tuple[list[list[int]], list[bool], dict, KVCache]:
     """Batched decoding, one token per row per forward pass."""
     device, batch = model.device, len(prompts)
     longest = max(max(map(len, prompts)), pad_to)
@@ -139,7 +139,7 @@ def _plain(model: DeepseekV3, prompts: list[list[int]], max_new_tokens: int, sam
     length = longest + max_new_tokens
     if compile:
         length = compiled_cache_length(model, length)
-    cache = model.new_cache(batch, length)
+    cache = model.new_cache(batch, length, kind=cache_kind)
 
     start = time.perf_counter()
     steps = compiled_steps(model) if compile else {"prefill": model.hidden_states, "decode": model}
@@ -196,6 +196,7 @@ def generate(
     compile: bool = False,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     pad_to: int = 0,
+    cache_kind: str = "static",
 ) -> Generation:
     """Generate up to `max_new_tokens` tokens after each prompt.
 
@@ -211,7 +212,9 @@ def generate(
     no recompilation from one decode step to the next); the tokens are those of eager decoding.
     prefill_chunk: tokens (rows x positions) one prefill pass takes at most; the logits do not depend
     on it. pad_to: right-pad the prompts to at least this many positions (the ranks of a data-parallel
-    launch pad to one length, so that they prefill in the same number of passes).
+    launch pad to one length, so that they prefill in the same number of passes). cache_kind: "static"
+    (`KVCache`) or "paged" (`PagedKVCache`, attn_impl "absorb": attention through the FlashMLA-shaped
+    op, or the kernel `dsv3ref.kernels.use` names); the tokens do not depend on it beyond rounding.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens: expected a positive integer, found {max_new_tokens!r}")
@@ -243,6 +246,11 @@ def generate(
         raise ValueError(f"max_new_tokens: a prompt of {longest} tokens plus max_new_tokens={max_new_tokens}{extra} "
                          f"exceeds max_position_embeddings={limit}")
     chunk_width(1, prefill_chunk)  # checks it
+    if cache_kind not in ("static", "paged"):
+        raise ValueError(f"cache_kind: found {cache_kind!r}, expected 'static' or 'paged'")
+    if cache_kind == "paged" and compile:
+        raise ValueError("cache_kind='paged' with compile=True: compiled decoding is captured over the static cache; "
+                         "use one or the other")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
         raise ValueError(f"seed: expected an integer in [0, 2**64), found {seed!r}")
     generator = None
@@ -252,7 +260,7 @@ def generate(
 
     if not speculative:
         tokens, finished, stats, _ = _plain(model, prompts, max_new_tokens, sampler, eos, stream, compile,
-                                            prefill_chunk, pad_to)
+                                            prefill_chunk, pad_to, cache_kind)
     else:
         tokens, finished, totals = [], [], {}
         for row, prompt in enumerate(prompts):
@@ -265,7 +273,8 @@ def generate(
             needed = len(prompt) + max_new_tokens + len(model.mtp_layers)
             out, done, stats, _ = speculative_decode(model, prompt, max_new_tokens, sampler, eos, emit, main_pass,
                                                      prefill_chunk,
-                                                     compiled_cache_length(model, needed) if compile else None)
+                                                     compiled_cache_length(model, needed) if compile else None,
+                                                     cache_kind)
             tokens.append(out)
             finished.append(done)
             for key, value in stats.items():

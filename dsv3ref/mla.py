@@ -60,8 +60,11 @@ from torch import nn
 from dsv3ref.config import ModelConfig
 from dsv3ref.fp8 import FP8Linear, linear_weight
 from dsv3ref.impl import CHOICES, Implementation
+from dsv3ref.kernels.mla_decode import flash_mla_with_kvcache
 from dsv3ref.norm import RMSNorm
+from dsv3ref.paged_cache import PagedLayer
 from dsv3ref.rope import apply_rope, softmax_scale
+from dsv3ref.swap import current
 
 ATTN_IMPLS, ORDERS = CHOICES["attn_impl"], CHOICES["attn_order"]  # the vocabulary's values (dsv3ref.impl)
 
@@ -148,7 +151,7 @@ class MLA(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: dict[str, torch.Tensor] | None = None,
+        cache: dict[str, torch.Tensor] | PagedLayer | None = None,
     ) -> torch.Tensor:
         """Attention for a chunk of t new tokens.
 
@@ -156,10 +159,15 @@ class MLA(nn.Module):
         Without a cache the keys are the chunk itself and mask is (b, t, t). With a cache (one
         layer's tensors of a `KVCache`), the chunk's keys are first written at `positions` (b, t),
         then the keys at cache indices 0..s-1 are attended, with mask (b, t, s).
-        True in mask means query t may see key s. Returns (b, t, dim).
+        True in mask means query t may see key s. With a paged cache (one layer of a `PagedKVCache`) the
+        chunk's latents are written into its pages and attention is the FlashMLA-shaped op over them
+        (`attend_paged`; the chunk is causal by its positions, mask is not read). Returns (b, t, dim).
         """
         q_nope, q_rope = self.query(x, cos, sin)
         c_kv, k_rope = self.latent(x, cos, sin)
+        if isinstance(cache, PagedLayer):
+            cache.store(positions, c_kv, k_rope)
+            return self.o_proj(self.attend_paged(q_nope, q_rope, cache, positions))
         if self.attn_impl == "naive":
             k, v = self.expand_keys(c_kv, k_rope)
             if cache is not None:
@@ -235,14 +243,36 @@ class MLA(nn.Module):
         q_nope (b, t, h, dn), q_rope (b, t, h, dr), c_kv (b, s, r), k_rope (b, s, dr), mask (b, t, s)
         -> (b, t, h * dv). Costs O(s * h * (r + dr)) per query instead of expanding s keys and values.
         """
-        # kv_b_proj's rows are head-major: (h (dn + dv)) -> (h, dn + dv, r). (unflatten rather than einops
-        # here: einops' type cache would record the Parameter class while torch.compile traces it.)
-        w = linear_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (self.n_heads, -1))
-        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]  # (h, dn, r), (h, dv, r)
+        w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
         q_latent = einsum(q_nope, w_uk, "b t h d, h d r -> b t h r")  # the query, moved into latent space
         scores = einsum(q_latent, c_kv, "b t h r, b s r -> b h t s") + einsum(
             q_rope, k_rope, "b t h d, b s d -> b h t s")
         probs = self._softmax(scores, mask, c_kv.dtype)
         out_latent = einsum(probs, c_kv, "b h t s, b s r -> b t h r")  # attention output, still latent
+        out = einsum(out_latent, w_uv, "b t h r, h d r -> b t h d")
+        return rearrange(out, "b t h d -> b t (h d)")
+
+    def absorbed_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """W^UK (h, dn, r) and W^UV (h, dv, r): kv_b_proj's two halves per head, dense in `dtype`."""
+        # kv_b_proj's rows are head-major: (h (dn + dv)) -> (h, dn + dv, r). (unflatten rather than einops
+        # here: einops' type cache would record the Parameter class while torch.compile traces it.)
+        w = linear_weight(self.kv_b_proj, dtype).unflatten(0, (self.n_heads, -1))
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+
+    def attend_paged(self, q_nope, q_rope, cache: PagedLayer, positions: torch.Tensor) -> torch.Tensor:
+        """Absorbed attention of the chunk over its rows' pages, through FlashMLA's interface.
+
+        q_nope (b, t, h, dn), q_rope (b, t, h, dr), positions (b, t) consecutive per row, already stored
+        -> (b, t, h * dv). The query [W^UK q^C | q^R] (b, t, h, r + dr) attends to each row's first
+        positions[:, -1] + 1 cached positions, causally (the chunk is the last t of them); the latent
+        output (b, t, h, r) is then multiplied by W^UV. The op is dsv3ref.kernels.flash_mla_with_kvcache
+        unless `dsv3ref.kernels.use(mla_decode=...)` names another.
+        """
+        w_uk, w_uv = self.absorbed_weights(q_nope.dtype)
+        q = torch.cat([einsum(q_nope, w_uk, "b t h d, h d r -> b t h r"), q_rope], dim=-1)  # (b, t, h, r + dr)
+        seqlens = (positions[:, -1] + 1).to(torch.int32)  # (b,)
+        op = current().mla_decode or flash_mla_with_kvcache
+        out_latent, _ = op(q, cache.kv, cache.block_table, seqlens, self.kv_lora_rank, None, None,
+                           softmax_scale=self.softmax_scale, causal=True)  # (b, t, h, r)
         out = einsum(out_latent, w_uv, "b t h r, h d r -> b t h d")
         return rearrange(out, "b t h d -> b t (h d)")

@@ -17,6 +17,7 @@ from dsv3ref.fp8 import FP8Linear, quantize_weight, replace_fp8_layers
 from dsv3ref.impl import Implementation
 from dsv3ref.mtp import DEFAULT_MTP_LAMBDA, MTPLayer, mtp_loss
 from dsv3ref.norm import RMSNorm
+from dsv3ref.paged_cache import PagedKVCache
 from dsv3ref.rope import RotaryEmbedding
 
 
@@ -174,12 +175,24 @@ class DeepseekV3(nn.Module):
                              f"found values in [{lo}, {hi}]")
 
     def new_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
-                  device: str | torch.device | None = None) -> KVCache:
+                  device: str | torch.device | None = None, kind: str = "static", num_blocks: int | None = None
+                  ) -> KVCache | PagedKVCache:
         """A zeroed cache for `batch_size` sequences of up to `max_seq_len` positions.
 
-        Its kind follows attn_impl: the latent c^KV and k^R for "absorb", per-head K and V for
-        "naive". dtype and device follow the model unless given.
+        kind "static" (a `KVCache`): what it holds follows attn_impl, the latent c^KV and k^R for
+        "absorb", per-head K and V for "naive". kind "paged" (a `PagedKVCache`, attn_impl "absorb"):
+        the latent in pages of 64 positions from a pool of num_blocks pages (default: enough for every
+        row at max_seq_len), attended through the FlashMLA-shaped op. dtype and device follow the model
+        unless given.
         """
+        if kind == "paged":
+            if self.attn_impl != "absorb":
+                raise ValueError(f"kind='paged' pages the latent cache of attn_impl='absorb'; this model computes "
+                                 f"attn_impl={self.attn_impl!r}")
+            return PagedKVCache(self.config, batch_size, max_seq_len, num_blocks, dtype=dtype or self.dtype,
+                                device=device or self.device, n_layers=len(self.model.layers))
+        if kind != "static":
+            raise ValueError(f"kind: found {kind!r}, expected 'static' or 'paged'")
         return KVCache(self.config, batch_size, max_seq_len, self.attn_impl, dtype=dtype or self.dtype,
                        device=device or self.device, n_layers=len(self.model.layers), heads=self.attention_heads)
 
@@ -189,19 +202,31 @@ class DeepseekV3(nn.Module):
         splits them (the naive cache holds keys and values of these heads)."""
         return self.model.layers[0].self_attn.n_heads
 
-    def _check_cache(self, cache: KVCache, b: int) -> None:
+    def _check_cache(self, cache: KVCache | PagedKVCache, b: int) -> None:
         """Raise a clear error for a cache that was not made by this model's `new_cache`."""
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"cache: expected a KVCache (model.new_cache), found {type(cache).__name__}")
-        if cache.attn_impl != self.attn_impl:
-            raise ValueError(f"cache: made for attn_impl={cache.attn_impl!r}, this model computes attn_impl="
-                             f"{self.attn_impl!r} (make it with model.new_cache)")
-        if cache.batch_size != b:
-            raise ValueError(f"cache: made for batch_size={cache.batch_size}, input_ids has batch {b}")
-        shapes = cache_shapes(self.config, cache.attn_impl, cache.batch_size, cache.max_seq_len, self.attention_heads)
-        if len(cache.layers) != len(self.model.layers) or cache.shapes() != shapes:
-            raise ValueError(f"cache: made for another config ({len(cache.layers)} layers of {cache.shapes()}); this "
-                             f"model needs {len(self.model.layers)} layers of {shapes} (make it with model.new_cache)")
+        if isinstance(cache, PagedKVCache):
+            width = self.config.kv_lora_rank + self.config.qk_rope_head_dim
+            expected = (self.attn_impl, len(self.model.layers), (1, width), b)
+            if ("absorb", len(cache.layers), cache.shapes()["kv"][2:], cache.batch_size) != expected:
+                raise ValueError(f"cache: a paged cache of {len(cache.layers)} layers of {cache.shapes()['kv']} for "
+                                 f"batch {cache.batch_size}; this model (attn_impl={self.attn_impl!r}) needs "
+                                 f"attn_impl='absorb', {len(self.model.layers)} layers of (blocks, page, 1, {width}) "
+                                 f"and batch {b} (make it with model.new_cache(..., kind='paged'))")
+        elif not isinstance(cache, KVCache):
+            raise TypeError(f"cache: expected a KVCache or PagedKVCache (model.new_cache), found "
+                            f"{type(cache).__name__}")
+        else:
+            if cache.attn_impl != self.attn_impl:
+                raise ValueError(f"cache: made for attn_impl={cache.attn_impl!r}, this model computes attn_impl="
+                                 f"{self.attn_impl!r} (make it with model.new_cache)")
+            if cache.batch_size != b:
+                raise ValueError(f"cache: made for batch_size={cache.batch_size}, input_ids has batch {b}")
+            shapes = cache_shapes(self.config, cache.attn_impl, cache.batch_size, cache.max_seq_len,
+                                  self.attention_heads)
+            if len(cache.layers) != len(self.model.layers) or cache.shapes() != shapes:
+                raise ValueError(f"cache: made for another config ({len(cache.layers)} layers of {cache.shapes()}); "
+                                 f"this model needs {len(self.model.layers)} layers of {shapes} (make it with "
+                                 "model.new_cache)")
         if cache.dtype != self.dtype or cache.device != self.device:
             raise ValueError(f"cache: holds {cache.dtype} on {cache.device}, the model computes in {self.dtype} on "
                              f"{self.device} (make it with model.new_cache)")
@@ -245,6 +270,8 @@ class DeepseekV3(nn.Module):
     def _attention_inputs(self, input_ids, cache, start_pos, dtype, layer: int = 0):
         """positions (b, t), cos/sin (b, t, rope/2) and the mask for a chunk (see `MLA.forward`)."""
         positions = self._positions(input_ids, cache, start_pos, layer)  # (b, t)
+        if isinstance(cache, PagedKVCache):
+            cache.reserve(positions)  # the pages these positions reach, before any layer writes
         cos, sin = self.rotary(positions, dtype)  # (b, t, rope/2) each
         if cache is None:  # keys are the chunk itself
             mask = rearrange(positions, "b s -> b 1 s") <= rearrange(positions, "b t -> b t 1")  # (b, t, t)

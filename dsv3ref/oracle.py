@@ -19,6 +19,13 @@ implementation that uses the same names (Hugging Face transformers does):
 | `model.layers.{L + k - 1}`                       | MTP module k's hidden state h^k        |
 | `lm_head`                                        | logits                                 |
 
+With `ops=True` the trace also holds the output of every linear projection of attention and of the
+dense and shared FFNs (`model.layers.{i}.self_attn.q_a_proj`, `...mlp.shared_experts.down_proj`, ...):
+the GEMMs an FP8 kernel computes, and `self_attn.o_proj:input`, the attention core's output (softmax
+and the value product: what an MLA decoding kernel computes). Then a first divergence names the op: a
+projection, `o_proj:input` with the projections before it equal (the attention core), or
+`mlp.experts` with the router and shared experts equal (the routed experts' grouped GEMM).
+
 `trace_modules(model, run)` collects these with forward hooks on whatever model it is given and
 removes them afterwards: tracing costs nothing when it is off. `trace(model, input_ids)` applies it
 to dsv3ref, `trace_hf(hf_model, input_ids)` to transformers' DeepseekV3ForCausalLM; for another
@@ -55,6 +62,15 @@ _POINTS = [
     (re.compile(r"^lm_head$"), "output"),
 ]
 
+_OP_POINTS = [
+    (re.compile(r"^model\.layers\.\d+\.self_attn\.o_proj$"), "input"),  # the attention core's output
+    (re.compile(r"^model\.layers\.\d+\.self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)$"),
+     "output"),
+    (re.compile(r"^model\.layers\.\d+\.mlp\.(shared_experts\.)?(gate_proj|up_proj|down_proj)$"), "output"),
+]
+"""The projections `ops=True` adds (the routed experts' own projections are left out: a grouped GEMM
+computes them without calling them one by one)."""
+
 Trace = dict[str, torch.Tensor]
 
 
@@ -62,14 +78,15 @@ def _first_tensor(value):
     return value[0] if isinstance(value, (tuple, list)) else value
 
 
-def trace_modules(model: nn.Module, run: Callable[[], object]) -> Trace:
+def trace_modules(model: nn.Module, run: Callable[[], object], ops: bool = False) -> Trace:
     """Call run() with forward hooks on `model`'s modules named as in the table above; return what
     they saw, in execution order. A module called twice gets keys `name`, `name#2`, ...
 
     Router outputs are read as (..., weights, ids): dsv3ref returns (weights, ids), transformers
-    (logits, weights, ids).
+    (logits, weights, ids). ops: also the projections (see the module docstring).
     """
     out: Trace = {}
+    points = _POINTS + (_OP_POINTS if ops else [])
 
     def put(key: str, t: torch.Tensor) -> None:
         n, base = 1, key
@@ -91,7 +108,7 @@ def trace_modules(model: nn.Module, run: Callable[[], object]) -> Trace:
     handles = []
     try:
         for name, module in model.named_modules():
-            for pattern, kind in _POINTS:
+            for pattern, kind in points:
                 if pattern.match(name):
                     hook = make_hook(name, kind)
                     handles.append(module.register_forward_pre_hook(hook) if kind == "input"
@@ -104,14 +121,15 @@ def trace_modules(model: nn.Module, run: Callable[[], object]) -> Trace:
     return out
 
 
-def trace(model: nn.Module, input_ids: torch.Tensor, **forward_kwargs) -> Trace:
-    """The trace of one dsv3ref forward pass `model(input_ids, **forward_kwargs)`.
+def trace(model: nn.Module, input_ids: torch.Tensor, ops: bool = False, **forward_kwargs) -> Trace:
+    """The trace of one dsv3ref forward pass `model(input_ids, **forward_kwargs)` (ops: also every
+    projection, see the module docstring).
 
     For a model with MTP modules (and no cache), the MTP chain is traced too, as in training: module
     k reads h^{k-1} at positions 0..T-1-k and the tokens t_k..t_{T-1}; its output h^k is the point
     `model.layers.{num_hidden_layers + k - 1}` (with its inner points under the same prefix).
     """
-    out = trace_modules(model, lambda: model(input_ids, **forward_kwargs))
+    out = trace_modules(model, lambda: model(input_ids, **forward_kwargs), ops)
     depth = len(getattr(model, "mtp_layers", ()))
     if depth and not forward_kwargs and input_ids.shape[1] > depth:
         def run_mtp() -> None:
@@ -119,7 +137,7 @@ def trace(model: nn.Module, input_ids: torch.Tensor, **forward_kwargs) -> Trace:
         n = model.config.num_hidden_layers
         in_mtp = re.compile(rf"^model\.layers\.({'|'.join(str(n + k) for k in range(depth))})([.:]|$)")
         # keep the MTP modules' points; the shared embedding's second use is not a new point
-        out.update({key: value for key, value in trace_modules(model, run_mtp).items() if in_mtp.match(key)})
+        out.update({key: value for key, value in trace_modules(model, run_mtp, ops).items() if in_mtp.match(key)})
     return out
 
 

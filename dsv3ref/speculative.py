@@ -45,13 +45,15 @@ def verify(drafts: list[int], draft_probs: list[torch.Tensor], target: torch.Ten
 
 def speculative_decode(model, prompt: list[int], max_new_tokens: int, sampler: Sampler, eos: set[int],
                        emit, main_pass=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                       cache_length: int | None = None) -> tuple[list[int], bool, dict, KVCache]:
+                       cache_length: int | None = None, cache_kind: str = "static"
+                       ) -> tuple[list[int], bool, dict, KVCache]:
     """Self-speculative decoding of one sequence (see the module docstring).
 
     main_pass: the main model's pass over [token, drafts], `model.hidden_states` (or a compiled copy).
     prefill_chunk: positions the prompt's prefill, and the MTP modules' first window over it, take per pass.
     cache_length: positions of cache to allocate (default: what this sequence needs, prompt + new tokens +
     depth); a compiled main_pass is specialized to it, so generate(compile=True) rounds it up.
+    cache_kind: "static" or "paged" (see `DeepseekV3.new_cache`).
 
     State between steps: tokens t_0..t_p are decided, the main model has processed positions < p
     (t_p is its next input), `main_hidden` holds its final-norm hidden states h^0 for those positions,
@@ -61,7 +63,7 @@ def speculative_decode(model, prompt: list[int], max_new_tokens: int, sampler: S
     main_pass = main_pass or model.hidden_states
     device, n_prompt = model.device, len(prompt)
     length = max(cache_length or 0, n_prompt + max_new_tokens + depth)
-    cache = model.new_cache(1, length)
+    cache = model.new_cache(1, length, kind=cache_kind)
     main_hidden = torch.zeros(1, length, model.config.hidden_size, dtype=model.dtype, device=device)
 
     start = time.perf_counter()

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 09 · Training: the bias update, the MTP objective and FP8, measured
 #
-# *Lesson 9 of the dsv3ref course (lessons 00 to 09), after [08_scale_out](08_scale_out.ipynb) (many GPUs).*
+# *Lesson 9 of the dsv3ref course (lessons 00 to 10), after [08_scale_out](08_scale_out.ipynb) (many GPUs).*
 #
 # **What this notebook teaches.** Three of DeepSeek-V3's four ideas are about *training*: the
 # auxiliary-loss-free balancing bias is updated between steps, Multi-Token Prediction is a training
@@ -294,5 +294,6 @@ assert min(mtp["acceptance_rate"]["values"]) > max(mtp["untrained_acceptance_rat
 print("all checks passed")
 
 # %% [markdown]
-# **This is the last lesson.** The course's map is in [README.md](README.md), with the exercises beside
-# the lessons; the package's, in `docs/architecture.md`; the training results, in `docs/training.md`.
+# **Next:** [10_kernels.ipynb](10_kernels.ipynb), the kernels behind the model: the paged latent cache,
+# grouped GEMM layouts, dispatch and combine, and a model run through a planted-bug kernel. The course's
+# map is in [README.md](README.md); the training results, in `docs/training.md`.

@@ -100,6 +100,14 @@ def compare(model: DeepseekV3, ref: DeepseekV3, parallel: Parallel, rank: int, w
             pos = start + 5 + step
             outs = [m(ids[:, 5 + step: 6 + step], c, pos) for m, c in zip((model, ref), caches, strict=False)]
             errs.append(rel_err(*outs))
+        if model.attn_impl == "absorb":  # the split model over a paged latent cache, against the static one
+            paged = model.new_cache(3, 16, kind="paged")
+            got = [model(ids[:, :5], paged, 0)] + [model(ids[:, 5 + s: 6 + s], paged, start + 5 + s) for s in range(3)]
+            ref_cache = ref.new_cache(3, 16)
+            want = [ref(ids[:, :5], ref_cache, 0)] + [ref(ids[:, 5 + s: 6 + s], ref_cache, start + 5 + s)
+                                                      for s in range(3)]
+            errs += [rel_err(a, b) for a, b in zip(got, want, strict=True)]
+            result["paged_checked"] = True
         result["logits_rel_err"] = max(errs)
         prompts = [ids[0, :4].tolist(), ids[1, :7].tolist()]
         got = generate(model, prompts, 6, eos_token_id=[]).tokens
