@@ -69,13 +69,22 @@ MUTATIONS = [
              "return base_freq * ramp + base_freq / rs.factor * (1 - ramp)", ("tests/test_rope.py",)),
     # ---- MLA
     Mutation("absorb-halves", "absorbed MLA splitting kv_b_proj as (dim, head) instead of (head, dim)",
-             "dsv3ref/mla.py", "linear_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (self.n_heads, -1))",
-             "linear_weight(self.kv_b_proj, q_nope.dtype).unflatten(0, (-1, self.n_heads)).transpose(0, 1)",
+             "dsv3ref/mla.py", "linear_weight(self.kv_b_proj, dtype).unflatten(0, (self.n_heads, -1))",
+             "linear_weight(self.kv_b_proj, dtype).unflatten(0, (-1, self.n_heads)).transpose(0, 1)",
              ("tests/test_mla.py",)),
     Mutation("absorb-no-rope-score", "absorbed MLA leaving out the decoupled rotary part of the score",
              "dsv3ref/mla.py", 'scores = einsum(q_latent, c_kv, "b t h r, b s r -> b h t s") + einsum(',
              'scores = einsum(q_latent, c_kv, "b t h r, b s r -> b h t s") + 0 * einsum(',
              ("tests/test_mla.py",)),
+    Mutation("paged-causal-shift", "paged MLA decoding letting each query see one position past its own",
+             "dsv3ref/kernels/mla_decode.py", "last = seqlens - s_q + rearrange(",
+             "last = seqlens - s_q + 1 + rearrange(", ("tests/test_kernels.py",)),
+    Mutation("paged-page-of-position", "the paged cache writing position p into the page of p + 1",
+             "dsv3ref/paged_cache.py", "pages = self.block_table.long().gather(1, positions // page)",
+             "pages = self.block_table.long().gather(1, (positions + 1) // page)", ("tests/test_kernels.py",)),
+    Mutation("dispatch-weights-not-local", "normal dispatch keeping the gate weights of experts on other ranks",
+             "dsv3ref/kernels/ep.py", "torch.where(local, topk_weights, 0)", "topk_weights",
+             ("tests/test_kernels.py",)),
     # ---- routing
     Mutation("router-bias-in-weights", "the balancing bias added to the gate values, not only to the choice",
              "dsv3ref/router.py", "weights = s.gather(1, ids)", "weights = (s + bias).gather(1, ids)",
@@ -192,7 +201,7 @@ MUTATIONS = [
     # ---- compiled decoding
     Mutation("verify-cache-exact", "speculative decoding's compiled verification given a cache of the exact "
              "length each prompt needs (a new graph for every prompt length)", "dsv3ref/generate.py",
-             "compiled_cache_length(model, needed) if compile else None)", "None)",
+             "compiled_cache_length(model, needed) if compile else None,", "None,",
              ("tests/test_compile.py::test_generation_compiles_each_step_once_for_every_prompt_length",)),
     # ---- the planner and the split vocabulary
     Mutation("planner-dp-splits-ffn", "the planner splitting the dense and shared FFNs under data-parallel "

@@ -118,9 +118,12 @@ def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: 
         last = seqlens - s_q + rearrange(torch.arange(s_q, device=q.device), "t -> 1 t 1")  # (b, s_q, 1)
         visible = visible & (rearrange(s, "s -> 1 1 s") <= last)  # (b, s_q, s)
     scores = scores.masked_fill(~rearrange(visible, "b t s -> b 1 t s"), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (b, h_q, s_q): -inf where nothing is visible
-    lonely = lse == float("-inf")
-    probs = torch.exp(scores - torch.where(lonely, float("inf"), lse)[..., None])  # 0 for a lonely query
+    # The probabilities through torch's softmax, and the log-sum-exp from them: lse = max + log(sum exp(x - max))
+    # = max - log(p_max). (torch.exp in float64 was measured wrong by up to 3e-9, relative, in some processes on
+    # this machine's CPU, torch 2.13; its softmax was not. Both are exact to rounding elsewhere.)
+    peak = scores.amax(dim=-1)  # (b, h_q, s_q): -inf where nothing is visible
+    lonely = peak == float("-inf")
+    probs = torch.softmax(scores.masked_fill(lonely[..., None], 0.0), dim=-1).masked_fill(lonely[..., None], 0.0)
+    lse = torch.where(lonely, float("inf"), peak - probs.amax(dim=-1).log())
     out = torch.einsum("bhts,bshd->bthd", probs, keys[..., :head_dim_v])
-    lse = torch.where(lonely, float("inf"), lse)
     return out.to(q.dtype), lse.to(torch.float64 if compute == torch.float64 else torch.float32)
