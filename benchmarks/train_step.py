@@ -90,6 +90,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # its load report lists the MTP tensors it does not model
     print(f"machine: {machine()}")
     print(f"config: {args.preset}; hidden {cfg.hidden_size}, layers {cfg.num_hidden_layers}, experts "
           f"{cfg.n_routed_experts} (top-{cfg.num_experts_per_tok}), MTP depth {cfg.num_nextn_predict_layers}; "

@@ -61,6 +61,17 @@ def _pad_to(x: torch.Tensor, dims: tuple[int, ...], block: int) -> torch.Tensor:
     return F.pad(x, pad) if any(pad) else x  # on the grid already (most weights): no padded copy
 
 
+def decode_e4m3(q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values of E4M3 tensor q in `dtype`, exactly as q.to(dtype) gives them (every E4M3 value,
+    NaN aside, is exact in float16 and wider). On a CPU by a 256-entry table: torch converts E4M3
+    elementwise at about 240M values/s on one thread, the table lookup about four times faster
+    (benchmarks: the FP8 emulation's GEMMs and the fp8-to-bf16 conversion spend that time)."""
+    if q.device.type != "cpu":
+        return q.to(dtype)
+    table = torch.arange(256, dtype=torch.uint8, device=q.device).view(E4M3).to(dtype)  # (256,)
+    return table.index_select(0, q.view(torch.uint8).flatten().long()).view(q.shape)
+
+
 def _ue8m0(scale: torch.Tensor) -> torch.Tensor:
     """Round positive scales up to a power of two (never smaller, so x / scale stays within 448)."""
     return torch.exp2(torch.ceil(torch.log2(scale)))
@@ -91,7 +102,8 @@ def dequantize_weight(q: torch.Tensor, scale_inv: torch.Tensor, block: int = BLO
         raise ValueError(f"weight_scale_inv: expected shape {expected} for a weight of shape {tuple(q.shape)}, "
                          f"found {tuple(scale_inv.shape)}")
     compute = torch.promote_types(dtype, torch.float32)  # float64 holds each product exactly; float32 as DeepSeek
-    blocks = rearrange(_pad_to(q.to(compute), (0, 1), block), "(fb o) (kb i) -> fb kb o i", o=block, i=block)
+    blocks = rearrange(_pad_to(decode_e4m3(q, compute), (0, 1), block), "(fb o) (kb i) -> fb kb o i", o=block,
+                       i=block)
     w = rearrange(blocks * scale_inv.to(compute)[..., None, None], "fb kb o i -> (fb o) (kb i)")
     return w[:out_dim, :in_dim].to(dtype)
 
@@ -118,8 +130,8 @@ def tile_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_s
     (M, N) in `accumulate`. The inference GEMM (`fp8_matmul`) and the three training GEMMs
     (dsv3ref.train.fp8) are this product with their scales laid out per row.
     """
-    ab = rearrange(_pad_to(a_q.double(), (1,), block), "m (kb i) -> kb m i", i=block)
-    bb = rearrange(_pad_to(b_q.double(), (1,), block), "n (kb i) -> kb n i", i=block)
+    ab = rearrange(_pad_to(decode_e4m3(a_q, torch.float64), (1,), block), "m (kb i) -> kb m i", i=block)
+    bb = rearrange(_pad_to(decode_e4m3(b_q, torch.float64), (1,), block), "n (kb i) -> kb n i", i=block)
     a_s, b_s = rearrange(a_scale.double(), "m kb -> kb m 1"), rearrange(b_scale.double(), "n kb -> kb 1 n")
     acc = torch.zeros(a_q.shape[0], b_q.shape[0], dtype=accumulate, device=a_q.device)
     for kb in range(ab.shape[0]):  # one K block at a time: memory of one (m, n) partial sum

@@ -22,6 +22,7 @@ from dsv3ref.fp8 import (
     E4M3,
     FP8Linear,
     blockwise_operands,
+    decode_e4m3,
     dequantize_weight,
     fp8_matmul,
     fp8_matmul_scaled_mm,
@@ -494,3 +495,14 @@ def test_conversion_opens_each_shard_once_and_uses_the_threads_asked(tmp_path, m
         convert_main(["fp8-to-bf16", str(tmp_path / "fp8"), str(tmp_path / "x"), "--threads", "0"])
     with pytest.raises(ValueError, match="threads: expected a positive integer, found 0"):
         convert(tmp_path / "fp8", tmp_path / "y", "fp8-to-bf16", threads=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_decode_e4m3_gives_what_torch_converts_for_every_byte(dtype):
+    """The 256-entry table equals torch's own E4M3 conversion for every bit pattern (NaNs where it has
+    NaNs), on a contiguous tensor and on a transposed view."""
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    for q in (every, every.reshape(16, 16).T):
+        got, want = decode_e4m3(q, dtype), q.to(dtype)
+        assert got.shape == want.shape and torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got[~got.isnan()], want[~want.isnan()])
