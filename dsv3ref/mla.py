@@ -211,11 +211,8 @@ class MLA(nn.Module):
     def _softmax(self, scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """scores (b, h, t, s) * softmax_scale, masked by mask (b, t, s), softmax over s in >= float32."""
         compute = torch.promote_types(scores.dtype, torch.float32)
-        # Masked keys get -inf through an additive bias (b, 1, t, s), made once for all heads: the same
-        # numbers as masked_fill (x + 0 = x, x - inf = -inf), in one pass over the scores instead of a
-        # fill forward and another backward (benchmarks/train_step.py).
-        bias = torch.zeros(mask.shape, dtype=compute, device=mask.device).masked_fill_(~mask, float("-inf"))
-        scores = scores.to(compute) * self.softmax_scale + rearrange(bias, "b t s -> b 1 t s")
+        scores = (scores.to(compute) * self.softmax_scale).masked_fill(
+            ~rearrange(mask, "b t s -> b 1 t s"), float("-inf"))
         return scores.softmax(dim=-1).to(dtype)
 
     def attend_naive(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
