@@ -110,3 +110,11 @@ else
   echo "sgl-kernel: not installed and not installable here (no PyPI): FlashMLA decoding not checked" \
     | tee -a "$out/kernel_checks.txt"
 fi
+# 10. training across processes on CUDA (NCCL): the distributed trainer on the GPU(s) this machine has,
+#     against the single process on the same device; float32, so equal to rounding (the float64 equality
+#     is CI's, on gloo). pp = the GPU count under DualPipeV (one GPU: two stages on it in a V).
+gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+args="train --steps 3 --batch-size 16 --seq-len 64 --warmup 1 --device cuda --microbatches $((2 * gpus < 4 ? 4 : 2 * gpus))"
+python3 -m dsv3ref $args --out-dir "$out/train_one" 2>/dev/null | tail -1 | tee -a "$out/train_distributed.txt"
+python3 -m torch.distributed.run --nproc-per-node "$gpus" -m dsv3ref $args --pp "$gpus" --schedule dualpipev \
+  --out-dir "$out/train_pp" 2>&1 | tail -1 | tee -a "$out/train_distributed.txt"

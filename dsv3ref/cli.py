@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import io
 import sys
 import tempfile
@@ -52,6 +53,8 @@ from dsv3ref.prefill import DEFAULT_PREFILL_CHUNK
 from dsv3ref.tokenizer import StreamDecoder, Tokenizer, check_text
 from dsv3ref.train import TrainConfig, train
 from dsv3ref.train.checkpoint import TRAJECTORY_FIELDS
+from dsv3ref.train.distributed import SCHEDULES, Layout, train_distributed
+from dsv3ref.train.loop import DTYPES as TRAIN_DTYPES
 
 UNTRAINED = "embedded tiny model, random weights, UNTRAINED (its text is noise), with the DeepSeek-V3 tokenizer"
 
@@ -434,13 +437,19 @@ def plan_cmd(args: argparse.Namespace) -> int:
 
 
 def train_cmd(args: argparse.Namespace) -> int:
-    """Train the small model on the standard library's bytes (dsv3ref.train); print the final metrics."""
+    """Train the small model on the standard library's bytes (dsv3ref.train); print the final metrics.
+    Under torchrun, with --pp/--ep/--dp/--schedule: across processes (dsv3ref.train.distributed)."""
     cfg = TrainConfig(out_dir=args.out_dir, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup, mtp_lambda=args.mtp_lambda,
                       mtp_lambda_late=args.mtp_lambda_late, device=args.device,
                       balance=args.balance, gamma=args.gamma, gamma_late=args.gamma_late, seq_alpha=args.seq_alpha,
-                      fp8=args.fp8,
+                      fp8=args.fp8, dtype=args.dtype,
                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
+    if launched_by_torchrun():
+        return _train_across_processes(args, cfg)
+    if (args.pp, args.ep, args.dp) != (1, 1, 1):
+        raise CliError("--pp/--ep/--dp split training over processes: launch with torchrun --nproc-per-node N "
+                       "-m dsv3ref train ... (N = pp x ep x dp)")
     allowed = tuple(name for group in args.allow_change for name in group)
     final = train(cfg, resume=args.resume, allow_changes=allowed)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()
@@ -604,8 +613,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-change", type=_field_list, action="append", default=[], metavar="FIELD[,FIELD]",
                    help="with --resume: settings allowed to differ from the checkpoint's (e.g. steps, to train "
                         "longer); the resumed run then no longer equals the uninterrupted one")
+    p.add_argument("--dtype", choices=list(TRAIN_DTYPES), default="float32",
+                   help="weights and activations (float64: the oracle the distributed trainer is tested against)")
+    across = p.add_argument_group("across processes (under torchrun; the report's section 3.2)")
+    across.add_argument("--pp", type=_positive, default=1, help="pipeline ranks")
+    across.add_argument("--ep", type=_positive, default=1,
+                        help="expert-parallel ranks (reading different tokens, as data-parallel ranks do)")
+    across.add_argument("--dp", type=_positive, default=1, help="data-parallel replicas (ZeRO-1 optimizer state)")
+    across.add_argument("--schedule", choices=list(SCHEDULES), default="1f1b",
+                        help="pipeline schedule of torch.distributed.pipelining (zbv, dualpipev: two stages per "
+                             "rank in a V, embedding and head on rank 0)")
+    across.add_argument("--microbatches", type=_positive, default=4, help="micro-batches per data shard per step")
+    across.add_argument("--timeout", type=_number(0.0, open_low=True), default=300.0,
+                        help="seconds before a collective that does not complete fails")
     p.set_defaults(func=train_cmd)
     return parser
+
+
+def _train_across_processes(args: argparse.Namespace, cfg: TrainConfig) -> int:
+    """`train` under torchrun: every rank trains its part; rank 0 prints."""
+    if args.allow_change:
+        raise CliError("--allow-change: a distributed run resumes only with the saved settings")
+    layout = Layout(pp=args.pp, ep=args.ep, dp=args.dp, schedule=args.schedule, microbatches=args.microbatches)
+    rank, world, _ = init_from_env(args.timeout, device="cuda" if cfg.device.startswith("cuda") else "cpu")
+    if rank == 0:
+        print(f"rank 0 of {world}: pp {layout.pp} x ep {layout.ep} x dp {layout.dp}, schedule {layout.schedule}, "
+              f"{layout.microbatches} micro-batches per data shard", file=sys.stderr)
+    final = train_distributed(cfg, layout, resume=args.resume, timeout=datetime.timedelta(seconds=args.timeout))
+    if rank == 0:
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()
+                 if k in ("step", "loss", "mtp_loss", "tokens_per_second")}
+        print(f"{shown}; checkpoints (one file per rank) and metrics.jsonl in {cfg.out_dir}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

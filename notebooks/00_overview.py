@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 00 · DeepSeek-V3 at a glance
 #
-# *Lesson 0 of the dsv3ref course (lessons 00 to 10), the first lesson: start here.*
+# *Lesson 0 of the dsv3ref course (lessons 00 to 11), the first lesson: start here.*
 #
 # **What this notebook teaches.** The shape of the whole model before any one idea is opened up:
 # the configuration of the released 671B model, what one decoder block computes, where the
@@ -37,6 +37,7 @@
 # 8. [08_scale_out.ipynb](08_scale_out.ipynb): From one process to sixteen GPUs (tensor and expert parallelism in float64 and FP8, all-reduce vs all-to-all, the memory planner, the report's prefill and decode units, torchrun)
 # 9. [09_training.ipynb](09_training.ipynb): Training (a small model in a minute with the report's schedules; the bias update, MTP and FP8 measured over three seeds)
 # 10. [10_kernels.ipynb](10_kernels.ipynb): The kernels behind the model (the paged latent cache, grouped GEMM layouts, dispatch and combine, a model run through a planted-bug kernel)
+# 11. [11_training_across_gpus.ipynb](11_training_across_gpus.ipynb): Training across GPUs (the report's PP16 x EP64 x ZeRO-1 layout per GPU, pipeline schedules and their bubbles against Table 2, DualPipe's overlap, the layout run on 2 and 4 processes equal to one)
 
 # %%
 import tempfile

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 01 · Rotary positions and YaRN: how DeepSeek-V3 reads 128K tokens
 #
-# *Lesson 1 of the dsv3ref course (lessons 00 to 10), after [00_overview](00_overview.ipynb)
+# *Lesson 1 of the dsv3ref course (lessons 00 to 11), after [00_overview](00_overview.ipynb)
 # (DeepSeek-V3 at a glance).*
 #
 # **What this notebook teaches.** How rotary position embeddings (RoPE) put a token's position into

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 02 · Multi-head Latent Attention and its cache
 #
-# *Lesson 2 of the dsv3ref course (lessons 00 to 10), after [01_rope_yarn](01_rope_yarn.ipynb) (Rotary
+# *Lesson 2 of the dsv3ref course (lessons 00 to 11), after [01_rope_yarn](01_rope_yarn.ipynb) (Rotary
 # positions and YaRN).*
 #
 # **What this notebook teaches.** How MLA compresses every token's keys and values into one small

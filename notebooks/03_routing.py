@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 03 · DeepSeekMoE routing: sigmoid scores, groups, and a bias that balances without a loss
 #
-# *Lesson 3 of the dsv3ref course (lessons 00 to 10), after [02_mla](02_mla.ipynb) (Multi-head Latent
+# *Lesson 3 of the dsv3ref course (lessons 00 to 11), after [02_mla](02_mla.ipynb) (Multi-head Latent
 # Attention).*
 #
 # **What this notebook teaches.** How a DeepSeek-V3 router picks 8 of 256 experts for a token:

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 04 · Use dsv3ref as your oracle
 #
-# *Lesson 4 of the dsv3ref course (lessons 00 to 10), after [03_routing](03_routing.ipynb)
+# *Lesson 4 of the dsv3ref course (lessons 00 to 11), after [03_routing](03_routing.ipynb)
 # (DeepSeekMoE routing).*
 #
 # **What this notebook teaches.** How to check your own DeepSeek-V3 implementation (a kernel, a

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 05 · Multi-Token Prediction, and decoding with it
 #
-# *Lesson 5 of the dsv3ref course (lessons 00 to 10), after [04_oracle](04_oracle.ipynb) (dsv3ref as
+# *Lesson 5 of the dsv3ref course (lessons 00 to 11), after [04_oracle](04_oracle.ipynb) (dsv3ref as
 # your oracle).*
 #
 # **What this notebook teaches.** DeepSeek-V3 is trained to predict not only the next token but the

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 06 · FP8 the way DeepSeek-V3 does it
 #
-# *Lesson 6 of the dsv3ref course (lessons 00 to 10), after [05_mtp](05_mtp.ipynb) (Multi-Token Prediction).*
+# *Lesson 6 of the dsv3ref course (lessons 00 to 11), after [05_mtp](05_mtp.ipynb) (Multi-Token Prediction).*
 #
 # **What this notebook teaches.** DeepSeek-V3 was trained, and is shipped, with its big matrix
 # multiplications in 8-bit floating point (E4M3). Three ideas make that work, and each is computed

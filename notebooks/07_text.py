@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 07 · Text in, text out: the tokenizer and the chat template
 #
-# *Lesson 7 of the dsv3ref course (lessons 00 to 10), after [06_fp8](06_fp8.ipynb) (FP8).*
+# *Lesson 7 of the dsv3ref course (lessons 00 to 11), after [06_fp8](06_fp8.ipynb) (FP8).*
 #
 # **What this notebook teaches.** Everything before this notebook spoke token ids. DeepSeek-V3 reads
 # text through a byte-level BPE tokenizer with an extended vocabulary of 128K tokens (report §4.1;

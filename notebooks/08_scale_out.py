@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 08 · From one process to sixteen GPUs
 #
-# *Lesson 8 of the dsv3ref course (lessons 00 to 10), after [07_text](07_text.ipynb) (text in, text out).*
+# *Lesson 8 of the dsv3ref course (lessons 00 to 11), after [07_text](07_text.ipynb) (text in, text out).*
 #
 # **What this notebook teaches.** The released DeepSeek-V3 is 641 GiB of FP8 weights: no GPU holds
 # it. Here the same readable model is split over processes with `torch.distributed`: attention heads,

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 09 · Training: the bias update, the MTP objective and FP8, measured
 #
-# *Lesson 9 of the dsv3ref course (lessons 00 to 10), after [08_scale_out](08_scale_out.ipynb) (many GPUs).*
+# *Lesson 9 of the dsv3ref course (lessons 00 to 11), after [08_scale_out](08_scale_out.ipynb) (many GPUs).*
 #
 # **What this notebook teaches.** Three of DeepSeek-V3's four ideas are about *training*: the
 # auxiliary-loss-free balancing bias is updated between steps, Multi-Token Prediction is a training

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # 10 · The kernels behind the model: a paged latent cache, grouped GEMM layouts, dispatch and combine
 #
-# *Lesson 10 of the dsv3ref course (lessons 00 to 10), after [09_training](09_training.ipynb).*
+# *Lesson 10 of the dsv3ref course (lessons 00 to 11), after [09_training](09_training.ipynb).*
 #
 # **What this notebook teaches.** DeepSeek served V3 with three open libraries: FlashMLA (MLA decoding
 # over a *paged* latent cache), DeepGEMM (FP8 GEMMs with 1x128 and 128x128 scales, plain and grouped
@@ -227,6 +227,7 @@ assert all(r.ok for r in run_check(K.flash_mla_with_kvcache, "mla_decode"))
 print("all checks passed")
 
 # %% [markdown]
-# **This is the last lesson.** The course's map is in [README.md](README.md), with the exercises beside
-# the lessons; the package's, in `docs/architecture.md`. Point `python -m dsv3ref.kernels.check` at a
-# kernel of your own.
+# **Next:** [11_training_across_gpus.ipynb](11_training_across_gpus.ipynb), the last lesson: the report's
+# training layout (pipeline stages, DualPipe, expert parallelism, ZeRO-1), its schedules drawn from
+# torch's, and the layout run on several processes. Meanwhile, point `python -m dsv3ref.kernels.check`
+# at a kernel of your own.

@@ -87,7 +87,7 @@ def test_the_committed_notebooks_carry_their_figures():
 def test_the_course_reads_in_order():
     names = [p.stem for p in NOTEBOOKS]
     assert names == ["00_overview", "01_rope_yarn", "02_mla", "03_routing", "04_oracle", "05_mtp", "06_fp8", "07_text",
-                     "08_scale_out", "09_training", "10_kernels"]
+                     "08_scale_out", "09_training", "10_kernels", "11_training_across_gpus"]
     for i, path in enumerate(NOTEBOOKS):
         cells = nbformat.read(path, 4).cells
         assert cells[0].source.startswith(f"# {i:02d} · ") and f"*Lesson {i} of the dsv3ref course" in cells[0].source

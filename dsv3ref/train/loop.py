@@ -36,6 +36,7 @@ from dsv3ref.train.fp8 import fp8_training_layers
 from dsv3ref.train.run_folder import METRICS_FILE, MetricsLog, claim
 
 BALANCE = ("bias", "aux", "none")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def small_config(**changes) -> ModelConfig:
@@ -94,6 +95,9 @@ class TrainConfig:
     progress: bool = True
     device: str = "cpu"
     """Where the model trains ("cuda" runs unchanged; batches are cut on the CPU and moved)."""
+    dtype: str = "float32"
+    """The weights' and activations' dtype: "float32", or "float64" (an oracle for other training code:
+    the distributed trainer is checked against this loop in float64)."""
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE:
@@ -124,6 +128,8 @@ class TrainConfig:
         except (RuntimeError, TypeError):
             raise ValueError(f"device: expected a device such as 'cpu', 'cuda' or 'cuda:1', found {self.device!r}"
                              ) from None
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, found {self.dtype!r}")
         if not isinstance(self.model, dict):
             raise TypeError(f"model: expected a dict of changes to small_config(), found {type(self.model).__name__}")
 
@@ -215,7 +221,7 @@ def build_model(cfg: TrainConfig) -> DeepseekV3:
     model = DeepseekV3(small_config(**cfg.model))
     if cfg.fp8:
         fp8_training_layers(model)
-    return model.to(cfg.device).train()
+    return model.to(device=cfg.device, dtype=DTYPES[cfg.dtype]).train()
 
 
 def _optimizer(model: DeepseekV3, cfg: TrainConfig) -> torch.optim.AdamW:
