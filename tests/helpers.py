@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 from pathlib import Path
 
 import torch
@@ -97,3 +98,10 @@ def direct_mtp(model, depth, h_prev, next_ids):
     h = x + layer.self_attn(rms(x, layer.input_layernorm.weight), cos, sin, mask)
     h = h + layer.mlp(rms(h, layer.post_attention_layernorm.weight))
     return h, rms(h, layer.shared_head.norm.weight) @ model.lm_head.weight.T
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for torchrun's rendezvous and local servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

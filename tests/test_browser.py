@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = "01_rope_yarn.ipynb"
@@ -32,12 +32,6 @@ SHOT = ROOT / "build" / "jupyterlab-smoke.png"
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is missing (pip install -e '.[test]')")
 if not Path(CHROMIUM).exists():
     pytest.skip("Debian's chromium is missing (apt-get install chromium; .ci/run does it)", allow_module_level=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -12,14 +12,13 @@ import importlib.resources
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import free_port, tiny_config
 from torch._dynamo.exc import Unsupported
 
 import dsv3ref
@@ -31,18 +30,12 @@ from dsv3ref.parallel.launch import describe_failure
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(args: list[str], fault: str | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if fault:
         env.update(DSV3REF_TEST_FAULT=fault, PYTHONPATH=str(ROOT / "tests" / "faults"))
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(_free_port()), "-m", "dsv3ref", *args], capture_output=True, text=True, env=env,
+                           str(free_port()), "-m", "dsv3ref", *args], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import randomize_, tiny_config
+from helpers import free_port, randomize_, tiny_config
 from safetensors import safe_open
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -57,18 +56,12 @@ def checkpoints(tmp_path_factory):
     return tmp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_world(world: int, cases: list[dict], tmp: Path, timeout_s: float = 60) -> dict:
     """Start `world` worker processes on these cases; returns {case: [rank 0's result, ...]}."""
     spec = tmp / f"spec{world}.json"
     out = tmp / f"results{world}.json"
     spec.write_text(json.dumps({"cases": cases, "out": str(out), "timeout_s": timeout_s}))
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "parallel_worker.py"), str(spec)],
                               env=dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"),
@@ -204,7 +197,7 @@ def test_a_dead_rank_fails_the_others_instead_of_hanging(checkpoints, tmp_path):
     spec = [dict(name="die", die_rank=1)]
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps({"cases": spec, "out": str(tmp_path / "r.json"), "timeout_s": 10}))
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "parallel_worker.py"), str(spec_file)],
                               env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
                                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1"),
@@ -326,7 +319,7 @@ def test_torchrun_generate_prints_what_one_process_prints(text_checkpoint, layou
     single = subprocess.run([sys.executable, "-m", "dsv3ref", *args], capture_output=True, text=True, env=env,
                             timeout=120)
     parallel = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                               "--master-port", str(_free_port()), "-m", "dsv3ref", *args, "--layout", layout,
+                               "--master-port", str(free_port()), "-m", "dsv3ref", *args, "--layout", layout,
                                "--moe-comm", "alltoall", "--timeout", "60"],
                               capture_output=True, text=True, env=env, timeout=180)
     assert single.returncode == 0 and parallel.returncode == 0, parallel.stderr[-3000:]
@@ -336,7 +329,7 @@ def test_torchrun_generate_prints_what_one_process_prints(text_checkpoint, layou
 
 def test_torchrun_with_a_world_size_that_does_not_fit_says_so(text_checkpoint):
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "3", "--master-port",
-                           str(_free_port()), "-m", "dsv3ref", "generate", "--ckpt-path", str(text_checkpoint),
+                           str(free_port()), "-m", "dsv3ref", "generate", "--ckpt-path", str(text_checkpoint),
                            "--prompt", "x", "--timeout", "30"], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=180)
     assert done.returncode != 0

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -24,7 +23,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 from safetensors.torch import load_file, save_file
+from train_parallel_worker import corpus  # the worker's data, shared
 
 from dsv3ref import DeepseekV3, ModelConfig
 from dsv3ref.checkpoint import CheckpointError
@@ -38,8 +39,6 @@ from dsv3ref.train.distributed.timeline import Costs, action_lists, play, table2
 from dsv3ref.train.loop import mtp_weight
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-from train_parallel_worker import corpus  # noqa: E402  (the worker's data, shared)
 
 TOL = 1e-10
 MODEL = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2, q_lora_rank=16,
@@ -72,16 +71,10 @@ def reference(tmp_path_factory) -> Path:
     return ref
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_workers(world: int, reference: Path, out: Path, cases: list[str]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-                           "--master-port", str(_free_port()), str(HERE / "train_parallel_worker.py"), str(reference),
+                           "--master-port", str(free_port()), str(HERE / "train_parallel_worker.py"), str(reference),
                            str(out), *cases],
                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=400)
     errors = "".join(p.read_text() for p in out.glob("error_*.txt"))
@@ -123,7 +116,7 @@ def test_torchrun_train_prints_the_losses_one_process_prints(tmp_path):
     single = subprocess.run([sys.executable, "-m", "dsv3ref", *args, "--out-dir", str(tmp_path / "one")],
                             capture_output=True, text=True, env=env, timeout=300)
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4", "--master-port",
-                            str(_free_port()), "-m", "dsv3ref", *args, "--out-dir", str(tmp_path / "four"), "--pp", "2",
+                            str(free_port()), "-m", "dsv3ref", *args, "--out-dir", str(tmp_path / "four"), "--pp", "2",
                             "--ep", "2", "--schedule", "dualpipev", "--microbatches", "4", "--timeout", "120"],
                            capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0 and multi.returncode == 0, multi.stderr[-3000:]
@@ -147,12 +140,19 @@ def test_torchrun_train_prints_the_losses_one_process_prints(tmp_path):
 
     # resuming on another layout is refused by name, on every rank, without a traceback
     again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                            str(_free_port()), "-m", "dsv3ref", *args, "--out-dir", str(tmp_path / "four"),
+                            str(free_port()), "-m", "dsv3ref", *args, "--out-dir", str(tmp_path / "four"),
                             "--pp", "2", "--schedule", "dualpipev", "--timeout", "60",
                             "--resume", str(tmp_path / "four" / "step_000002")],
                            capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode != 0 and "a distributed checkpoint resumes on the same layout" in again.stderr
     assert 'File "' + str(HERE.parent / "dsv3ref") not in again.stderr
+
+    # a new run into that folder: rank 0 refuses to overwrite it and the other rank stops too, at once
+    over = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(free_port()), "-m", "dsv3ref", *args, "--out-dir", str(tmp_path / "four"),
+                           "--pp", "2", "--timeout", "60"], capture_output=True, text=True, env=env, timeout=120)
+    assert over.returncode != 0 and "holds another run" in over.stderr, over.stderr[-2000:]
+    assert 'File "' + str(HERE.parent / "dsv3ref") not in over.stderr
 
 
 def test_replicas_that_differ_are_named(tmp_path):

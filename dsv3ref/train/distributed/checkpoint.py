@@ -30,30 +30,25 @@ from safetensors.torch import save_file
 
 from dsv3ref.atomic import TMP_SUFFIX
 from dsv3ref.checkpoint import CheckpointError, save_pretrained
+from dsv3ref.parallel.launch import agree
 from dsv3ref.train.checkpoint import STATE_FILE, check_resume, step_folder
-from dsv3ref.train.distributed.layout import collective_device
 from dsv3ref.train.loop import TrainConfig, build_model
 
 if TYPE_CHECKING:
     from dsv3ref.train.distributed.trainer import DistributedRun
 
 
-def on_rank_zero(action):
-    """Run action() on rank 0 and let every rank know whether it failed (collective): the other ranks
-    raise too, instead of waiting at the next collective for a rank that has stopped."""
-    failed = torch.zeros(1, device=collective_device())
-    result, error = None, None
+def on_rank_zero(action, what: str):
+    """Run action() on rank 0 and tell every rank whether it failed (`dsv3ref.parallel.launch.agree`, a
+    collective): the other ranks raise too, instead of waiting at the next collective for a rank that
+    has stopped. Returns action()'s result on rank 0, None elsewhere."""
+    result, failure = None, None
     if dist.get_rank() == 0:
         try:
             result = action()
-        except Exception as e:  # re-raised below, after the other ranks are told
-            failed += 1
-            error = e
-    dist.all_reduce(failed)
-    if error is not None:
-        raise error
-    if failed.item():
-        raise RuntimeError("rank 0 stopped the run (its error says why)")
+        except Exception as e:  # told to every rank by agree, which raises
+            failure = e
+    agree(what, failure, waited=f"{what}: a rank did not answer in time")
     return result
 
 
@@ -93,18 +88,13 @@ def save_distributed_checkpoint(out_dir: Path, step: int, run: DistributedRun) -
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
 
-    on_rank_zero(prepare)
-    failed, error = torch.zeros(1, device=collective_device()), None
+    on_rank_zero(prepare, f"preparing {tmp}")
+    failure = None
     try:
         save_file(_tensors(run), rank_file(tmp, run.rank), metadata={"format": "pt"})
-    except OSError as e:  # a full disk on one rank: every rank stops, none waits for it
-        failed += 1
-        error = e
-    dist.all_reduce(failed)
-    if error is not None:
-        raise error
-    if failed.item():
-        raise RuntimeError(f"{tmp}: another rank could not write its part of the checkpoint (its error says why)")
+    except Exception as e:  # a full disk on one rank: every rank stops (agree), none waits for it
+        failure = e
+    agree(f"writing {folder}", failure, waited=f"writing {folder}: a rank did not answer in time")
     if run.rank == 0:
         state = {"step": step, "layout": dataclasses.asdict(run.layout), "world_size": run.layout.world_size,
                  "config": dataclasses.asdict(run.cfg)}

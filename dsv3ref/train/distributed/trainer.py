@@ -229,7 +229,7 @@ def train_distributed(cfg: TrainConfig, layout: Layout, resume: str | Path | Non
         out.mkdir(parents=True, exist_ok=True)
         return MetricsLog(out / METRICS_FILE, rows)
 
-    log = on_rank_zero(claim_folder)  # rank 0 writes metrics.jsonl; None elsewhere
+    log = on_rank_zero(claim_folder, f"claiming {out}")  # rank 0 writes metrics.jsonl; None elsewhere
     last, tokens, t0 = {}, 0, time.perf_counter()
     for step in range(start, cfg.steps):
         ids = batch(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, step).to(cfg.device)
