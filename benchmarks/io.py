@@ -12,11 +12,14 @@ machine that gets busier or quieter during the run affects all of them alike; th
 
 - load floor: every tensor of every shard read into memory once (`safe_open(...).get_tensor`, which
   maps the file, then a copy that reads its bytes): the least a loader that owns its weights does.
-  Contenders: `DeepseekV3.from_pretrained` with and without the finite check;
-  HF transformers' `DeepseekV3ForCausalLM.from_pretrained` on the same folder.
+  Contenders: `DeepseekV3.from_pretrained` (the weights mapped from the files, copy-on-write), without
+  the finite check, and with mmap=False (every weight copied into memory the model owns); HF
+  transformers' `DeepseekV3ForCausalLM.from_pretrained` on the same folder.
 - conversion floor: every shard read (`load_file`) and a shard of the converted checkpoint's tensor
-  names, shapes and dtypes written (`save_file`, uninitialized values): the bytes a shard-by-shard
-  converter must move, with no compute. Contenders: `dsv3ref.convert` bf16-to-fp8 and fp8-to-bf16.
+  names, shapes and dtypes made in memory and written (`torch.zeros`, `save_file`): the bytes a
+  shard-by-shard converter must move, with no compute. (Until 2026-12-03 the floor wrote `torch.empty`
+  tensors: memory never written, which Linux maps to one shared zero page, so the floor read its
+  output from one cached page, which no converter can.) Contenders: `dsv3ref.convert` bf16-to-fp8 and fp8-to-bf16.
 
 The machine's warm read bandwidth (the files read into a buffer) is printed beside. One thread by
 default (`--threads`): the machine is shared.
@@ -53,8 +56,10 @@ def copy_floor(src: Path, dst: Path, like: Path) -> None:
     dst.mkdir()
     for shard in sorted(src.glob("*.safetensors")):
         load_file(shard)
+        # zeros: memory really written, as a converter writes its output (memory never touched, torch.empty's,
+        # is the kernel's one shared zero page: free to read)
         with safe_open(like / shard.name, framework="pt", device="cpu") as f:
-            out = {name: torch.empty(f.get_slice(name).get_shape(),
+            out = {name: torch.zeros(f.get_slice(name).get_shape(),
                                      dtype=getattr(torch, _DTYPES[f.get_slice(name).get_dtype()]))
                    for name in f.keys()}
         save_file(out, dst / shard.name, metadata={"format": "pt"})
@@ -83,10 +88,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-hf", action="store_true", help="leave HF transformers out")
+    parser.add_argument("--dir", default=None, help="where to write the checkpoints (default: the system's temporary "
+                        "folder; /dev/shm takes the disk's write-back out of the conversion rows)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = dsv3ref.ModelConfig.preset("small").replace(num_hidden_layers=args.layers, num_nextn_predict_layers=0)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
         torch.manual_seed(0)
         dsv3ref.save_pretrained(dsv3ref.DeepseekV3(cfg), tmp / "f32", max_shard_bytes=args.shard_mib * 2**20)
@@ -118,6 +125,7 @@ def main() -> None:
             "dsv3ref from_pretrained": lambda: dsv3ref.DeepseekV3.from_pretrained(tmp / "f32"),
             "dsv3ref from_pretrained, check_finite=False": lambda: dsv3ref.DeepseekV3.from_pretrained(
                 tmp / "f32", check_finite=False),
+            "dsv3ref from_pretrained, mmap=False": lambda: dsv3ref.DeepseekV3.from_pretrained(tmp / "f32", mmap=False),
             "conversion floor f32 -> fp8 (read + write)": lambda: run_copy("f32", "fp8"),
             "convert bf16-to-fp8": lambda: run_convert("f32", "bf16-to-fp8"),
             "conversion floor fp8 -> bf16 (read + write)": lambda: run_copy("fp8", "bf16"),
@@ -142,6 +150,7 @@ def main() -> None:
         med = {name: statistics.median(t) for name, t in times.items()}
         floor_of = {"dsv3ref from_pretrained": "load floor (read every tensor)",
                     "dsv3ref from_pretrained, check_finite=False": "load floor (read every tensor)",
+                    "dsv3ref from_pretrained, mmap=False": "load floor (read every tensor)",
                     "HF from_pretrained": "load floor (read every tensor)",
                     "convert bf16-to-fp8": "conversion floor f32 -> fp8 (read + write)",
                     "convert fp8-to-bf16": "conversion floor fp8 -> bf16 (read + write)"}

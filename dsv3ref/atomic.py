@@ -11,10 +11,13 @@ temporary folder name (`atomic_folder`).
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -94,3 +97,47 @@ def is_plain_name(name: object) -> bool:
     """Whether `name` is a bare file name: no folder part, not "." or "..", not absolute."""
     return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
             and "\0" not in name)
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
+                      torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+"""torch dtype -> the safetensors header's name for it."""
+
+
+def atomic_stream_tensors(path: str | Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                          tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Write a safetensors file atomically, one tensor at a time: memory for one tensor, not the file's.
+
+    specs: name -> (dtype, shape) of every tensor, in the order of `tensors`, which yields (name,
+    tensor) pairs as they are computed. The header (names, dtypes, shapes, offsets) is written from
+    specs first, then each tensor's bytes as it arrives; a tensor out of order or of another dtype or
+    shape than its spec raises ValueError (nothing is left at `path`). The file is what
+    `safetensors.torch.save_file` writes for the same tensors, up to the order of the header's keys.
+    """
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (dtype, shape) in specs.items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            order = iter(specs.items())
+            for name, tensor in tensors:
+                want_name, (dtype, shape) = next(order, (None, (None, None)))
+                if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                    raise ValueError(f"{path}: tensor {name} ({tensor.dtype}, {tuple(tensor.shape)}) does not match "
+                                     f"the header's next entry {want_name} ({dtype}, {shape})")
+                f.write(memoryview(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()))
+            missing = [name for name, _ in order]
+            if missing:
+                raise ValueError(f"{path}: {len(missing)} tensor(s) of the header never written ({missing[0]}, ...)")
+
+    atomic_write(path, write)

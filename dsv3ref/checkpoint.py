@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from dsv3ref.fp8 import (
     SCALE_SUFFIX,
     FP8Linear,
     auto_kernel,
-    dequantize_weight,
+    dequantize_weight_fast,
     replace_fp8_layers,
     scaled_mm_recipe,
 )
@@ -399,14 +400,17 @@ def stores_fp8(source: str | Path | Headers) -> bool:
 def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | str, device, attn_impl: str = "naive",
                     attn_order: str = "auto", moe_impl: str = "loop", gemm_impl: str = "bf16",
                     fp8_kernel: str = AUTO, mtp: bool | None = None, check_finite_values: bool = True,
-                    parallelize: Parallelize | None = None, progress: bool | None = None) -> DeepseekV3:
+                    mmap: bool = True, parallelize: Parallelize | None = None, progress: bool | None = None
+                    ) -> DeepseekV3:
     """Build `cls(config, impl=...)` on `device` in `dtype` and fill it from the checkpoint in `source`.
 
     Everything that can be checked without the weights is checked before any weight memory is
     allocated: config.json against the tensor names (layer and expert counts), then every tensor's
     name, shape and dtype from the safetensors headers against the model built on the meta device.
     Then each tensor is read, checked to be finite (unless check_finite_values is False: a streaming
-    reduction over each tensor as it is read) and copied into place. A `Headers` source stops after
+    reduction over each tensor as it is read) and put in place: on a CPU, a tensor whose stored dtype
+    and shape are the parameter's becomes the parameter, its bytes mapped from the file copy-on-write
+    (unless mmap is False); any other is copied into the parameter. A `Headers` source stops after
     the allocation: nothing is read (the model's values are whatever the device holds).
 
     How it computes: attn_impl ... fp8_kernel, each a value of dsv3ref.impl or "auto" where loading
@@ -557,6 +561,14 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
                                            headers_sha256=headers_digest(headers))
             return model.eval()
         targets = model.state_dict()
+        # A tensor read in the dtype, shape and (CPU) device of its target becomes the parameter itself:
+        # for a tensor taken whole from the file, its bytes mapped copy-on-write (safetensors maps the file
+        # privately), so the load makes no copy and the page cache holds the only one. Targets that share
+        # memory with another name (a tied head) are filled by copying instead.
+        seen = Counter(t.data_ptr() for t in targets.values())
+        adoptable = {name for name, t in targets.items()
+                     if mmap and t.device.type == "cpu" and t.numel() and seen[t.data_ptr()] == 1}
+        adopted: dict[str, torch.Tensor] = {}
         copy_values = {}
         total = sum(reader.nbytes(name, *headers[name]) for names in to_read.values() for name in names)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"loading {path.name}",
@@ -587,11 +599,17 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
                                 check_finite(value, file, f"{name} (dequantized to {dtype})")
                     if name in copies:
                         copy_values[name] = (file, value)
+                    elif (name in adoptable and value.dtype == targets[name].dtype
+                          and value.shape == targets[name].shape and value.is_contiguous()):
+                        adopted[name] = value
                     else:
                         targets[name].copy_(value)
                     bar.update(reader.nbytes(name, *headers[name]))
                 for done in [other for other, last in last_use.items() if last == shard_number]:
                     reader.release(done)
+            if adopted:
+                model.load_state_dict(adopted, strict=False, assign=True)
+                targets.update(adopted)
             for name, (file, value) in copy_values.items():
                 main = targets[copies[name]]
                 if not torch.equal(value.to(main.dtype), main):
@@ -686,7 +704,7 @@ class TensorReader:
         does not start on the 128-block grid takes each element's scale from the block it lies in."""
         shard = self.shard(weight)
         if shard is None or shard.start % BLOCK == 0:
-            return dequantize_weight(value, self.scale(weight, tuple(value.shape)), dtype=dtype)
+            return dequantize_weight_fast(value, self.scale(weight, tuple(value.shape)), dtype=dtype)
         name = weight + SCALE_SUFFIX
         file = self.files[name]
         scale = self.read(self.open(file), file, name, shard.blocks())

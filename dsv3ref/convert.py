@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -39,7 +40,14 @@ import torch
 from tqdm import tqdm
 
 from dsv3ref.argtypes import integer
-from dsv3ref.atomic import atomic_save_tensors, atomic_write, atomic_write_text, is_plain_name, remove_temporaries
+from dsv3ref.atomic import (
+    SAFETENSORS_DTYPES,
+    atomic_stream_tensors,
+    atomic_write,
+    atomic_write_text,
+    is_plain_name,
+    remove_temporaries,
+)
 from dsv3ref.checkpoint import (
     INDEX_FILE,
     CheckpointError,
@@ -49,7 +57,16 @@ from dsv3ref.checkpoint import (
     read_tensor,
     tensor_files,
 )
-from dsv3ref.fp8 import E4M3, FP8_WEIGHT, QUANTIZATION_CONFIG, SCALE_SUFFIX, dequantize_weight, quantize_weight
+from dsv3ref.fp8 import (
+    BLOCK,
+    E4M3,
+    E4M3_MAX,
+    FP8_WEIGHT,
+    QUANTIZATION_CONFIG,
+    SCALE_SUFFIX,
+    dequantize_weight_fast,
+    quantize_weight_fast,
+)
 from dsv3ref.lock import exclusive
 
 FP8_LINEAR = FP8_WEIGHT  # the former name of the rule, which dsv3ref.fp8 now owns
@@ -132,28 +149,58 @@ def _start(work: Path, manifest: dict, files: dict[str, Path]) -> set[str]:
     return set()
 
 
-def _convert_shard(shard: Path, files: dict[str, Path], direction: str, scale_fmt: str | None
-                   ) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+def _convert_shard(shard: Path, target: Path, files: dict[str, Path], direction: str, scale_fmt: str | None
+                   ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Convert one shard into file `target`, streamed: the output's header is made from the shard's,
+    then each tensor is read, checked, converted and written before the next is read (memory: the
+    shard's mapped pages and one tensor's conversion). Returns the written tensors' dtypes and shapes."""
     with TensorReader(files, {}, {}) as reader:  # the shard, and any other holding its scales, opened once each
         f = reader.open(shard)
-        for name in f.keys():
-            if direction == "fp8-to-bf16" and name.endswith(SCALE_SUFFIX):
-                continue  # read with its weight
-            t = read_tensor(f, shard, name)
-            check_finite(t, shard, name)
-            if direction == "fp8-to-bf16":
-                if t.dtype == E4M3:
-                    if name + SCALE_SUFFIX not in files:
-                        raise CheckpointError(f"{shard}: FP8 tensor {name} has no {name + SCALE_SUFFIX}")
-                    t = dequantize_weight(t, reader.scale(name, tuple(t.shape)), dtype=torch.bfloat16)
-                    check_finite(t, shard, f"{name} (dequantized)")
-                out[name] = t
-            elif FP8_WEIGHT.search(name) and t.dim() == 2:  # what the release stores in FP8
-                out[name], out[name + SCALE_SUFFIX] = quantize_weight(t, scale_fmt=scale_fmt)
+        names = [n for n in f.keys() if not (direction == "fp8-to-bf16" and n.endswith(SCALE_SUFFIX))]
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for name in names:
+            sl = f.get_slice(name)
+            shape, kind = tuple(sl.get_shape()), sl.get_dtype()
+            if kind not in _TORCH_DTYPES:
+                raise CheckpointError(f"{shard}: tensor {name} has dtype {kind}, which the converter does not "
+                                      f"know (expected one of {sorted(_TORCH_DTYPES)})")
+            dtype = _TORCH_DTYPES[kind]
+            if direction == "fp8-to-bf16" and dtype == E4M3:
+                if name + SCALE_SUFFIX not in files:
+                    raise CheckpointError(f"{shard}: FP8 tensor {name} has no {name + SCALE_SUFFIX}")
+                specs[name] = torch.bfloat16, shape
+            elif direction == "bf16-to-fp8" and FP8_WEIGHT.search(name) and len(shape) == 2:  # what the release
+                specs[name] = E4M3, shape                                                      # stores in FP8
+                specs[name + SCALE_SUFFIX] = torch.float32, tuple(-(-d // BLOCK) for d in shape)
             else:
-                out[name] = t
-    return out
+                specs[name] = dtype, shape
+
+        def converted():
+            for name in names:
+                t = read_tensor(f, shard, name)
+                if specs[name][0] == t.dtype:  # kept as it is
+                    check_finite(t, shard, name)
+                    yield name, t
+                elif t.dtype == E4M3:  # fp8-to-bf16
+                    check_finite(t, shard, name)  # the bytes: no NaN code
+                    scale = reader.scale(name, tuple(t.shape))  # checked: finite, positive, 448 x it finite
+                    if not torch.isfinite((scale * E4M3_MAX).to(torch.bfloat16)).all():  # so every product is
+                        raise CheckpointError(f"{files[name + SCALE_SUFFIX]}: tensor {name + SCALE_SUFFIX} holds "
+                                              f"scales up to {scale.max().item():.3g}: times E4M3's largest value "
+                                              f"{E4M3_MAX:g} that overflows bfloat16")
+                    yield name, dequantize_weight_fast(t, scale, dtype=torch.bfloat16)
+                else:  # bf16-to-fp8
+                    q, scale = quantize_weight_fast(t, scale_fmt=scale_fmt)
+                    if not torch.isfinite(scale).all():  # NaN and Inf reach their block's largest magnitude
+                        check_finite(t, shard, name)  # names the first one
+                    yield name, q
+                    yield name + SCALE_SUFFIX, scale
+
+        atomic_stream_tensors(target, specs, converted())
+    return specs
+
+
+_TORCH_DTYPES = {kind: dtype for dtype, kind in SAFETENSORS_DTYPES.items()}
 
 
 def available_cpus() -> int:
@@ -225,11 +272,9 @@ def _convert_locked(src: Path, dst: Path, direction: str, scale_fmt: str | None,
                         sl = f.get_slice(name)
                         total_size += _nbytes(sl.get_shape(), sl.get_dtype())
             else:
-                out = _convert_shard(shard, files, direction, scale_fmt)
-                atomic_save_tensors(target, out)
-                weight_map.update(dict.fromkeys(out, shard.name))
-                total_size += sum(t.numel() * t.element_size() for t in out.values())
-                del out
+                specs = _convert_shard(shard, target, files, direction, scale_fmt)
+                weight_map.update(dict.fromkeys(specs, shard.name))
+                total_size += sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
             bar.update(shard.stat().st_size)
     except CheckpointError:
         bar.close()

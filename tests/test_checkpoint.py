@@ -184,3 +184,50 @@ def test_each_file_is_opened_once_headers_tensors_and_scales_through_one_handle(
         model = DeepseekV3.from_pretrained(tmp_path / "fp8", gemm_impl=gemm, moe_impl="loop")
         assert sorted(str(p) for p in opened) == sorted(str(tmp_path / "fp8" / f) for f in files), gemm
         assert model.load_report.files_opened == len(files)
+
+
+def _mapped(path) -> int:
+    """How many of this process's memory mappings are of files in folder `path` (Linux)."""
+    return sum(str(path) in line for line in open("/proc/self/maps"))
+
+
+def test_weights_are_the_files_bytes_mapped_copy_on_write(saved, tmp_path):
+    """mmap=True (the default): a weight stored in the dtype asked for is the file's bytes mapped
+    privately: no copy at load, the file untouched by writes to the model; mmap=False and a dtype
+    change copy into memory the model owns (no mapping left once loading is done)."""
+    import gc
+    import hashlib
+    model, path = saved
+    digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    ids = torch.randint(0, model.config.vocab_size, (1, 9))
+    mapped = DeepseekV3.from_pretrained(path)
+    assert _mapped(path) >= 1
+    weight = mapped.model.layers[0].self_attn.kv_b_proj.weight
+    assert isinstance(weight, torch.nn.Parameter) and weight.requires_grad
+    with torch.no_grad():
+        assert torch.equal(mapped(ids), model(ids))
+        for param in mapped.parameters():
+            param.mul_(-1)  # copies the pages it writes; the file keeps its bytes
+        assert torch.equal(DeepseekV3.from_pretrained(path, mmap=False)(ids), model(ids))
+    assert hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest() == digest
+    del mapped, weight, param
+    gc.collect()
+    assert _mapped(path) == 0
+    for kwargs in ({"mmap": False}, {"dtype": torch.float64}):
+        owned = DeepseekV3.from_pretrained(path, **kwargs)
+        gc.collect()
+        assert _mapped(path) == 0, kwargs
+        with torch.no_grad():
+            assert torch.equal(owned(ids.clone()).float(), model.to(owned.dtype)(ids).float()), kwargs
+        model.float()
+
+
+def test_a_tied_head_stays_tied_when_loaded_mapped(tmp_path):
+    cfg = tiny_config().replace(tie_word_embeddings=True)
+    model = random_dsv3ref(cfg, seed=3)
+    dsv3ref.save_pretrained(model, tmp_path / "tied")
+    again = DeepseekV3.from_pretrained(tmp_path / "tied")
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    ids = torch.randint(0, cfg.vocab_size, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))

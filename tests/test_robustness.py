@@ -702,17 +702,17 @@ def a_stale_conversion_lock_is_taken_over(base, tmp, monkeypatch, capsys):
 def a_conversion_never_mixes_old_and_new_source(base, tmp, monkeypatch, capsys):
     src, dst = copy(base, tmp), tmp / "dst"
     import dsv3ref.convert as conversion
-    real, written = conversion.atomic_save_tensors, []
+    real, written = conversion.atomic_stream_tensors, []
 
-    def killed_after_two(path, tensors):
+    def killed_after_two(path, specs, tensors):
         if len(written) == 2:
             raise KeyboardInterrupt
-        real(path, tensors)
+        real(path, specs, tensors)
         written.append(path.name)
-    monkeypatch.setattr(conversion, "atomic_save_tensors", killed_after_two)
+    monkeypatch.setattr(conversion, "atomic_stream_tensors", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
         convert(src, dst, "bf16-to-fp8")
-    monkeypatch.setattr(conversion, "atomic_save_tensors", real)
+    monkeypatch.setattr(conversion, "atomic_stream_tensors", real)
     name = next(n for n, f in tensor_files(src).items() if f.name == written[0] and n.endswith("norm.weight"))
     edit_tensor(src, name, lambda t: t * 3)  # the first converted shard changes in SRC
     convert(src, dst, "bf16-to-fp8")
@@ -812,18 +812,18 @@ _KILLED_CONVERSION = """
 import os, signal, sys
 import dsv3ref.convert as c
 
-real, written = c.atomic_save_tensors, []
+real, written = c.atomic_stream_tensors, []
 
 
-def save(path, tensors):
+def save(path, specs, tensors):
     if len(written) == 3:  # killed while writing the fourth shard: its temporary file stays behind
         (path.parent / f".{path.name}.4242-dead.tmp").write_bytes(b"partial")
         os.kill(os.getpid(), signal.SIGKILL)
-    real(path, tensors)
+    real(path, specs, tensors)
     written.append(path)
 
 
-c.atomic_save_tensors = save
+c.atomic_stream_tensors = save
 c.convert(sys.argv[1], sys.argv[2], "bf16-to-fp8")
 """
 

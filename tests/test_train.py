@@ -251,12 +251,44 @@ def test_fp8_gradients_equal_float64_autograd_of_the_same_quantized_computation(
     w64_leaf = w64.clone().requires_grad_()
     (dx64,) = torch.autograd.grad(x_tiles @ w64_leaf.T, x_tiles, deq_tiles(dy))  # Dgrad: dy in 1x128 tiles
     assert rel_err(x.grad, dx64) < 1e-6
-    x_cols = deq_tiles(x.detach().T.contiguous()).T.requires_grad_(False)  # x in 128x1 tiles (along tokens)
-    dy_cols = deq_tiles(dy.T.contiguous()).T  # dy in 128x1 tiles
-    (dw64,) = torch.autograd.grad(x_cols @ w64_leaf.T, w64_leaf, dy_cols)  # Wgrad
+    # Wgrad: x as the forward stored it (1x128 FP8 tiles), dequantized, transposed and quantized again in
+    # 128x1 tiles (along tokens), as the report's section 3.5.2 describes; dy in 128x1 tiles
+    x_cols = deq_tiles(deq_tiles(x.detach()).float().T.contiguous()).T
+    dy_cols = deq_tiles(dy.T.contiguous()).T
+    (dw64,) = torch.autograd.grad(x_cols @ w64_leaf.T, w64_leaf, dy_cols)
     assert rel_err(w.grad, dw64) < 1e-6
+    # quantizing x in 128x1 tiles from its high-precision value instead (what dsv3ref did before
+    # 2026-12-03) rounds differently: by far more than the tolerance
+    x_cols_direct = deq_tiles(x.detach().T.contiguous()).T
+    (dw64_direct,) = torch.autograd.grad(x_cols_direct @ w64_leaf.T, w64_leaf, dy_cols)
+    assert rel_err(w.grad, dw64_direct) > 1e-4
     # and the quantization is real: the plain float64 gradient differs by more than the tolerance
     assert rel_err(w.grad, dy.double().T @ x.detach().double()) > 1e-3
+
+
+def test_an_fp8_layer_quantizes_its_weight_once_per_value_it_takes():
+    """Micro-batches of one step share the E4M3 blocks; an optimizer step (in place) or a new weight
+    quantizes again; the gradients of two micro-batches equal those of each alone, summed."""
+    from dsv3ref.train import FP8TrainLinear
+    g = torch.Generator().manual_seed(1)
+    layer = FP8TrainLinear(torch.randn(256, 384, generator=g) * 0.05)
+    xs = [torch.randn(64, 384, generator=g) for _ in range(2)]
+    for x in xs:
+        layer(x).square().sum().backward()
+    assert layer.quantizations == 1
+    summed = layer.weight.grad.clone()
+    alone = []
+    for x in xs:
+        layer.weight.grad = None
+        layer(x).square().sum().backward()
+        alone.append(layer.weight.grad)
+    assert torch.equal(summed, alone[0] + alone[1]) and layer.quantizations == 1
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    layer(xs[0])
+    assert layer.quantizations == 2
+    with torch.no_grad():
+        layer.weight = torch.nn.Parameter(layer.weight * 2)
+    assert torch.equal(layer(xs[0]), FP8LinearFunction.apply(xs[0], layer.weight)) and layer.quantizations == 3
 
 
 def test_a_short_fp8_run_stays_close_to_float32(corpus, tmp_path):

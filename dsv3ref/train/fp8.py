@@ -12,7 +12,8 @@ fine-grained scales and accumulates in high precision:
 so every scale covers a run of 128 numbers *along the contraction*, which is what lets each
 block's partial sum be rescaled exactly (the report's "fine-grained quantization"). The master weight
 and the optimizer state stay in float32; the weight is quantized in 128 x 128 blocks once per step
-(forward and Dgrad share it), and the gradients come out in float32 (weight) and the activation dtype.
+(every forward of the step and every Dgrad share it), the activation is kept for the backward pass in
+FP8 (its 1 x 128 tiles), and the gradients come out in float32 (weight) and the activation dtype.
 
 All three are `dsv3ref.fp8.tile_matmul`, the GEMM inference uses too: per-row scales on both operands,
 one per 128-wide block of the contraction (a 128 x 128 weight block's scale is the per-row scale of
@@ -26,49 +27,85 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv3ref.fp8 import quantize_activation, quantize_weight, replace_fp8_layers, rows_of_blocks, tile_matmul
+from dsv3ref.fp8 import (
+    BLOCK,
+    decode_e4m3,
+    quantize_activation,
+    quantize_weight,
+    quantize_weight_fast,
+    replace_fp8_layers,
+    rows_of_blocks,
+    tile_matmul,
+    tile_matmul_decoded,
+)
 
 
 class FP8LinearFunction(torch.autograd.Function):
-    """y = x W^T with the three GEMMs of the table above (x (M, K), W (N, K) float32 master weight)."""
+    """y = x W^T with the three GEMMs of the table above (x (M, K), W (N, K) float32 master weight).
+
+    weight_q: W quantized in 128 x 128 blocks, (E4M3 (N, K), scales (Nb, Kb)), when the caller has it
+    (FP8TrainLinear quantizes once per optimizer step); None quantizes it here."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
+                weight_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
-        w_q, w_s = quantize_weight(weight.detach())  # (N, K) E4M3, (Nb, Kb): 128 x 128 blocks
+        w_q, w_s = weight_q if weight_q is not None else quantize_weight(weight.detach())  # 128 x 128 blocks
+        w64 = decode_e4m3(w_q, torch.float64)  # (N, K): E4M3 values, exact; Fprop and Dgrad share it
         x_q, x_s = quantize_activation(x.detach())  # (M, K), (M, Kb): 1 x 128 tiles
-        ctx.save_for_backward(x, w_q, w_s)
-        return tile_matmul(x_q, x_s, w_q, rows_of_blocks(w_s, w_q.shape[0]), accumulate=acc).to(x.dtype)
+        ctx.save_for_backward(x_q, x_s, w64, w_s)  # the activation kept in FP8, as the report caches it
+        ctx.x_dtype = x.dtype
+        y = tile_matmul_decoded(decode_e4m3(x_q, torch.float64), x_s, w64, rows_of_blocks(w_s, w_q.shape[0]),
+                                accumulate=acc)
+        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, w_q, w_s = ctx.saved_tensors
-        acc = torch.promote_types(x.dtype, torch.float32)
+        x_q, x_s, w64, w_s = ctx.saved_tensors
+        acc = torch.promote_types(ctx.x_dtype, torch.float32)
         # Dgrad: dx (M, K) = dy (M, N) @ W (N, K); contraction over N: dy in 1 x 128 tiles along N,
         # W^T (K, N) with the forward's blocks (transposed), one scale per row of W^T per N block.
         dy_q, dy_s = quantize_activation(dy)
-        w_t_scale = rows_of_blocks(w_s.T.contiguous(), w_q.shape[1])  # (K, Nb)
-        dx = tile_matmul(dy_q, dy_s, w_q.T.contiguous(), w_t_scale, accumulate=acc).to(x.dtype)
-        # Wgrad: dW (N, K) = dy^T (N, M) @ x (M, K); contraction over tokens M: both in 128 x 1 tiles.
+        w_t_scale = rows_of_blocks(w_s.T.contiguous(), w64.shape[1])  # (K, Nb)
+        dx = tile_matmul_decoded(decode_e4m3(dy_q, torch.float64), dy_s, w64.T, w_t_scale, accumulate=acc)
+        # Wgrad: dW (N, K) = dy^T (N, M) @ x (M, K); contraction over tokens M: both in 128 x 1 tiles. x
+        # is the forward's FP8 copy, dequantized, transposed and quantized again in 128 x 1 tiles (the
+        # report, section 3.5.2: "read out, dequantized, transposed, re-quantized into 128x1 tiles").
+        x_deq = decode_e4m3(x_q) * x_s.repeat_interleave(BLOCK, dim=1)[:, :x_q.shape[1]]  # (M, K) float32
         dyt_q, dyt_s = quantize_activation(dy.T.contiguous())  # (N, M), (N, Mb)
-        xt_q, xt_s = quantize_activation(x.detach().T.contiguous())  # (K, M), (K, Mb)
+        xt_q, xt_s = quantize_activation(x_deq.T.contiguous())  # (K, M), (K, Mb)
         dw = tile_matmul(dyt_q, dyt_s, xt_q, xt_s, accumulate=acc).float()
-        return dx, dw
+        return dx.to(ctx.x_dtype), dw, None
 
 
 class FP8TrainLinear(nn.Module):
     """A bias-free linear layer trained in FP8: float32 master `weight` (out, in), the GEMMs of
-    FP8LinearFunction. Saved under the checkpoint's name `weight`, like the nn.Linear it replaces."""
+    FP8LinearFunction. Saved under the checkpoint's name `weight`, like the nn.Linear it replaces.
+
+    The weight is quantized once per value it takes (once per optimizer step): every call until the
+    weight changes in place (its version counter moves) or is replaced reuses the same E4M3 blocks,
+    so micro-batches of one step (gradient accumulation, a pipeline's micro-batches) share them."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self._quantized: tuple[tuple[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.quantizations = 0  # how many times the weight was quantized (tests count them)
+
+    def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E4M3 weight, 128 x 128 block scales) of the weight's current value."""
+        weight, version = self.weight, self.weight._version
+        if self._quantized is None or self._quantized[0][0] is not weight or self._quantized[0][1] != version:
+            self._quantized = (weight, version), quantize_weight_fast(weight.detach())
+            self.quantizations += 1
+        return self._quantized[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        return FP8LinearFunction.apply(flat, self.weight).reshape(*x.shape[:-1], self.out_features)
+        y = FP8LinearFunction.apply(flat, self.weight, self.quantized_weight())
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 def fp8_training_layers(model: nn.Module) -> int:
