@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 TMP_SUFFIX = ".tmp"
 
@@ -55,8 +54,29 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write a safetensors file atomically."""
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    """Write a safetensors file atomically, every tensor whose size is a multiple of `DATA_ALIGNMENT`
+    bytes starting on such a boundary (those first, then the others, each group in the dict's order;
+    safetensors allows any order of the data, not gaps)."""
+    specs = aligned_order({name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()})
+    atomic_stream_tensors(path, specs, ((name, tensors[name]) for name in specs))
+
+
+def aligned_order(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+                  ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """specs (name -> (dtype, shape)) reordered for `atomic_stream_tensors`: the tensors whose size is
+    a multiple of DATA_ALIGNMENT bytes first, then the others, each group in its given order; written
+    so, every tensor of the first group starts on a DATA_ALIGNMENT boundary of the file."""
+    def aligned(spec):
+        return math.prod(spec[1]) * spec[0].itemsize % DATA_ALIGNMENT == 0
+    return ({n: spec for n, spec in specs.items() if aligned(spec)}
+            | {n: spec for n, spec in specs.items() if not aligned(spec)})
+
+
+DATA_ALIGNMENT = 64
+"""Where dsv3ref's safetensors files start their data, and the alignment a weight mapped from a file
+must have to be used in place (dsv3ref.checkpoint). MKL's float32 GEMM on an AVX2 CPU rounds
+differently for a weight 4 or 8 bytes off a 16-byte boundary (measured: a tiny model's logits moved in
+the last bit, and more where an FP8 layer re-rounds its input); 64 is AVX-512's and a cache line's."""
 
 
 def atomic_folder(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -113,7 +133,9 @@ def atomic_stream_tensors(path: str | Path, specs: dict[str, tuple[torch.dtype, 
     tensor) pairs as they are computed. The header (names, dtypes, shapes, offsets) is written from
     specs first, then each tensor's bytes as it arrives; a tensor out of order or of another dtype or
     shape than its spec raises ValueError (nothing is left at `path`). The file is what
-    `safetensors.torch.save_file` writes for the same tensors, up to the order of the header's keys.
+    `safetensors.torch.save_file` writes for the same tensors, up to the order of the header's keys
+    and the header's padding (spaces, to start the data on a `DATA_ALIGNMENT` boundary: save_file pads
+    to 8).
     """
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -123,7 +145,7 @@ def atomic_stream_tensors(path: str | Path, specs: dict[str, tuple[torch.dtype, 
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    text += b" " * (-(8 + len(text)) % DATA_ALIGNMENT)  # the data starts DATA_ALIGNMENT-aligned in the file
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:

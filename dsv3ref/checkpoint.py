@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from dsv3ref.atomic import atomic_save_tensors, atomic_write_text, is_plain_name
+from dsv3ref.atomic import DATA_ALIGNMENT, atomic_save_tensors, atomic_write_text, is_plain_name
 from dsv3ref.block import DecoderLayer
 from dsv3ref.config import ModelConfig
 from dsv3ref.fp8 import (
@@ -410,7 +410,9 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
     Then each tensor is read, checked to be finite (unless check_finite_values is False: a streaming
     reduction over each tensor as it is read) and put in place: on a CPU, a tensor whose stored dtype
     and shape are the parameter's becomes the parameter, its bytes mapped from the file copy-on-write
-    (unless mmap is False); any other is copied into the parameter. A `Headers` source stops after
+    (unless mmap is False), if they lie on a 64-byte boundary (`dsv3ref.atomic.DATA_ALIGNMENT`: every
+    tensor of a file dsv3ref writes whose size is a multiple of 64 bytes); any other is copied into the
+    parameter. A `Headers` source stops after
     the allocation: nothing is read (the model's values are whatever the device holds).
 
     How it computes: attn_impl ... fp8_kernel, each a value of dsv3ref.impl or "auto" where loading
@@ -564,7 +566,10 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
         # A tensor read in the dtype, shape and (CPU) device of its target becomes the parameter itself:
         # for a tensor taken whole from the file, its bytes mapped copy-on-write (safetensors maps the file
         # privately), so the load makes no copy and the page cache holds the only one. Targets that share
-        # memory with another name (a tied head) are filled by copying instead.
+        # memory with another name (a tied head) are filled by copying instead, and so is a tensor whose
+        # bytes are not DATA_ALIGNMENT-aligned in memory: a BLAS may round a GEMM with it differently from
+        # the same weight aligned, so the loaded model would not compute what the saved one did. (dsv3ref's
+        # own files align every tensor whose size allows it; a file written elsewhere may align none.)
         seen = Counter(t.data_ptr() for t in targets.values())
         adoptable = {name for name, t in targets.items()
                      if mmap and t.device.type == "cpu" and t.numel() and seen[t.data_ptr()] == 1}
@@ -600,7 +605,8 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
                     if name in copies:
                         copy_values[name] = (file, value)
                     elif (name in adoptable and value.dtype == targets[name].dtype
-                          and value.shape == targets[name].shape and value.is_contiguous()):
+                          and value.shape == targets[name].shape and value.is_contiguous()
+                          and value.data_ptr() % DATA_ALIGNMENT == 0):
                         adopted[name] = value
                     else:
                         targets[name].copy_(value)

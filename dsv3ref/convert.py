@@ -42,6 +42,7 @@ from tqdm import tqdm
 from dsv3ref.argtypes import integer
 from dsv3ref.atomic import (
     SAFETENSORS_DTYPES,
+    aligned_order,
     atomic_stream_tensors,
     atomic_write,
     atomic_write_text,
@@ -175,7 +176,7 @@ def _convert_shard(shard: Path, target: Path, files: dict[str, Path], direction:
             else:
                 specs[name] = dtype, shape
 
-        def converted():
+        def in_file_order():
             for name in names:
                 t = read_tensor(f, shard, name)
                 if specs[name][0] == t.dtype:  # kept as it is
@@ -196,6 +197,16 @@ def _convert_shard(shard: Path, target: Path, files: dict[str, Path], direction:
                     yield name, q
                     yield name + SCALE_SUFFIX, scale
 
+        def converted():  # in the output's order: the tensors held back until their turn are the
+            waiting, order = {}, iter(specs)  # few whose size is not a multiple of 64 bytes (small scales)
+            want = next(order, None)
+            for name, tensor in in_file_order():
+                waiting[name] = tensor
+                while want in waiting:
+                    yield want, waiting.pop(want)
+                    want = next(order, None)
+
+        specs = aligned_order(specs)  # every tensor that can starts on a 64-byte boundary (mapped in place)
         atomic_stream_tensors(target, specs, converted())
     return specs
 

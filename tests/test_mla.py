@@ -115,3 +115,30 @@ def test_bf16_attention_takes_its_softmax_in_float32_as_deepseek_does():
     probs = (scores.float() * softmax_scale(cfg)).masked_fill(~mask[:, None], float("-inf")).softmax(-1)
     expected = torch.einsum("bhts,bshd->bthd", probs.to(torch.bfloat16), v).flatten(2)
     assert torch.equal(mla.attend_naive(q, k, v, mask), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_training_softmax_equals_masked_fill_bit_for_bit_forward_and_backward(dtype):
+    """With autograd recording, the mask is added as a 0 / -inf bias fused with the scale (one pass each
+    way); written out here the masked_fill recipe, with its gradient, must give the same bits, for a
+    causal mask and an arbitrary one (every row keeps at least one key)."""
+    cfg = tiny_config()
+    mla = MLA(cfg).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    scores = (torch.randn(2, cfg.num_attention_heads, 9, 9, generator=g) * 4).to(dtype)
+    causal = torch.ones(9, 9, dtype=torch.bool).tril().expand(2, 9, 9)
+    arbitrary = torch.rand(2, 9, 9, generator=g) < 0.5
+    arbitrary[..., 0] = True
+    for mask in (causal, arbitrary):
+        a = scores.clone().requires_grad_()
+        b = scores.clone().requires_grad_()
+        ours = mla._softmax(a, mask, dtype)
+        compute = torch.promote_types(dtype, torch.float32)
+        expected = (b.to(compute) * softmax_scale(cfg)).masked_fill(~mask[:, None], float("-inf")).softmax(-1).to(dtype)
+        assert torch.equal(ours, expected)
+        with torch.no_grad():  # the inference path is the recipe itself
+            assert torch.equal(mla._softmax(scores, mask, dtype), expected)
+        grad = torch.randn(ours.shape, generator=g).to(dtype)
+        ours.backward(grad)
+        expected.backward(grad)
+        assert torch.equal(a.grad, b.grad)

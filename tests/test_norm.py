@@ -46,3 +46,23 @@ def test_rmsnorm_in_float64_is_exact_to_float64_roundoff():
     expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6)
     assert norm(x).dtype == torch.float64
     assert rel_err(norm(x), expected) < 1e-14
+
+
+def test_rmsnorm_fused_path_equals_the_written_out_lines_bit_for_bit():
+    """float32 and float64 go through torch's F.rms_norm; it must compute exactly the module's lines
+    (statistics, rsqrt, then the weight), forward and backward, at several widths and scales."""
+    for dtype in (torch.float32, torch.float64):
+        for dim, scale in ((64, 1.0), (7, 1e-3), (1024, 30.0)):
+            norm = RMSNorm(dim, eps=1e-6).to(dtype)
+            with torch.no_grad():
+                norm.weight.copy_(1 + 0.3 * torch.randn(dim, dtype=dtype))
+            w = norm.weight.detach().clone().requires_grad_()
+            x = (scale * torch.randn(3, 5, dim, dtype=dtype)).requires_grad_()
+            x2 = x.detach().clone().requires_grad_()
+            ours = norm(x)
+            lines = w * (x2 * torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + 1e-6))
+            assert torch.equal(ours, lines), (dtype, dim)
+            g = torch.randn_like(ours)
+            ours.backward(g)
+            lines.backward(g)
+            assert torch.equal(x.grad, x2.grad) and torch.equal(norm.weight.grad, w.grad), (dtype, dim)
