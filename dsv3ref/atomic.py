@@ -24,6 +24,12 @@ import torch
 
 TMP_SUFFIX = ".tmp"
 
+DATA_ALIGNMENT = 64
+"""Where dsv3ref's safetensors files start their data, and the alignment a weight mapped from a file
+must have to be used in place (dsv3ref.checkpoint). MKL's float32 GEMM on an AVX2 CPU rounds
+differently for a weight 4 or 8 bytes off a 16-byte boundary (measured: a tiny model's logits moved in
+the last bit, and more where an FP8 layer re-rounds its input); 64 is AVX-512's and a cache line's."""
+
 
 def _temporary_name(path: Path) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
@@ -71,12 +77,6 @@ def aligned_order(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]
     return ({n: spec for n, spec in specs.items() if aligned(spec)}
             | {n: spec for n, spec in specs.items() if not aligned(spec)})
 
-
-DATA_ALIGNMENT = 64
-"""Where dsv3ref's safetensors files start their data, and the alignment a weight mapped from a file
-must have to be used in place (dsv3ref.checkpoint). MKL's float32 GEMM on an AVX2 CPU rounds
-differently for a weight 4 or 8 bytes off a 16-byte boundary (measured: a tiny model's logits moved in
-the last bit, and more where an FP8 layer re-rounds its input); 64 is AVX-512's and a cache line's."""
 
 
 def atomic_folder(path: str | Path, write: Callable[[Path], None]) -> None:

@@ -197,8 +197,10 @@ def _convert_shard(shard: Path, target: Path, files: dict[str, Path], direction:
                     yield name, q
                     yield name + SCALE_SUFFIX, scale
 
-        def converted():  # in the output's order: the tensors held back until their turn are the
-            waiting, order = {}, iter(specs)  # few whose size is not a multiple of 64 bytes (small scales)
+        specs = aligned_order(specs)  # every tensor that can starts on a 64-byte boundary (mapped in place)
+
+        def converted():  # in specs' order: a tensor whose size is not a multiple of 64 bytes (block scales,
+            waiting, order = {}, iter(specs)  # mostly) is held until the aligned ones are written
             want = next(order, None)
             for name, tensor in in_file_order():
                 waiting[name] = tensor
@@ -206,7 +208,6 @@ def _convert_shard(shard: Path, target: Path, files: dict[str, Path], direction:
                     yield want, waiting.pop(want)
                     want = next(order, None)
 
-        specs = aligned_order(specs)  # every tensor that can starts on a 64-byte boundary (mapped in place)
         atomic_stream_tensors(target, specs, converted())
     return specs
 
