@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import re
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -554,26 +553,33 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
             return copies.get(name, name) in local
         to_read = {file: [n for n in names if not n.endswith(SCALE_SUFFIX) and ours(n)]
                    for file, names in by_file.items()}
-        model = model.to_empty(device=device)
-        if cfg.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
         if headers_only:
+            model = model.to_empty(device=device)
+            if cfg.tie_word_embeddings:
+                model.lm_head.weight = model.model.embed_tokens.weight
             model.load_report = LoadReport(path=path, unused_tensors=tuple(sorted(unused)),
                                            notes=(*notes, "headers only: no tensor was read"), bytes_read=0,
                                            headers_sha256=headers_digest(headers))
             return model.eval()
-        targets = model.state_dict()
+        targets = model.state_dict()  # still on the meta device: shapes and dtypes
         # A tensor read in the dtype, shape and (CPU) device of its target becomes the parameter itself:
         # for a tensor taken whole from the file, its bytes mapped copy-on-write (safetensors maps the file
-        # privately), so the load makes no copy and the page cache holds the only one. Targets that share
-        # memory with another name (a tied head) are filled by copying instead, and so is a tensor whose
-        # bytes are not DATA_ALIGNMENT-aligned in memory: a BLAS may round a GEMM with it differently from
-        # the same weight aligned, so the loaded model would not compute what the saved one did. (dsv3ref's
-        # own files align every tensor whose size allows it; a file written elsewhere may align none.)
-        seen = Counter(t.data_ptr() for t in targets.values())
-        adoptable = {name for name, t in targets.items()
-                     if mmap and t.device.type == "cpu" and t.numel() and seen[t.data_ptr()] == 1}
+        # privately), so the load makes no copy and the page cache holds the only one. Any other is copied
+        # into memory allocated for it when it is read (so no memory is allocated for a tensor that is
+        # mapped), and so is a tensor whose bytes are not DATA_ALIGNMENT-aligned in memory: a BLAS may
+        # round a GEMM with it differently from the same weight aligned, so the loaded model would not
+        # compute what the saved one did. (dsv3ref's own files align every tensor whose size allows it; a
+        # file written elsewhere may align none.) The tied head is the embedding, tied again at the end.
+        on_cpu = torch.device(device).type == "cpu"
+        adoptable = {name for name, t in targets.items() if mmap and on_cpu and t.numel()}
         adopted: dict[str, torch.Tensor] = {}
+
+        def target(name: str) -> torch.Tensor:
+            """The memory a tensor is copied into, allocated on first use."""
+            if name not in adopted:
+                like = targets[name]
+                adopted[name] = torch.empty(like.shape, dtype=like.dtype, device=device)
+            return adopted[name]
         copy_values = {}
         total = sum(reader.nbytes(name, *headers[name]) for names in to_read.values() for name in names)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"loading {path.name}",
@@ -597,7 +603,7 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
                         check_finite(value, file, name)
                     if name in fp8_weights:
                         if name in kept_fp8:
-                            targets[name + SCALE_SUFFIX].copy_(reader.scale(name, tuple(value.shape)))
+                            target(name + SCALE_SUFFIX).copy_(reader.scale(name, tuple(value.shape)))
                         else:
                             value = reader.dequantize(name, value, dtype)
                             if check_finite_values:
@@ -609,13 +615,17 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
                           and value.data_ptr() % DATA_ALIGNMENT == 0):
                         adopted[name] = value
                     else:
-                        targets[name].copy_(value)
+                        target(name).copy_(value)
                     bar.update(reader.nbytes(name, *headers[name]))
                 for done in [other for other, last in last_use.items() if last == shard_number]:
                     reader.release(done)
-            if adopted:
-                model.load_state_dict(adopted, strict=False, assign=True)
-                targets.update(adopted)
+            model.load_state_dict(adopted, strict=False, assign=True)
+            if cfg.tie_word_embeddings:
+                model.lm_head.weight = model.model.embed_tokens.weight
+            left = [name for name, t in model.state_dict().items() if t.is_meta]
+            if left:  # every tensor this process holds is read above: a bug here, not in the checkpoint
+                raise RuntimeError(f"load_pretrained: {len(left)} tensor(s) were not read, e.g. {left[0]}")
+            targets = model.state_dict()
             for name, (file, value) in copy_values.items():
                 main = targets[copies[name]]
                 if not torch.equal(value.to(main.dtype), main):

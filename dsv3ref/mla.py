@@ -61,6 +61,7 @@ from dsv3ref.config import ModelConfig
 from dsv3ref.fp8 import FP8Linear, linear_weight
 from dsv3ref.impl import CHOICES, Implementation
 from dsv3ref.kernels.mla_decode import flash_mla_with_kvcache
+from dsv3ref.linear import Linear
 from dsv3ref.norm import RMSNorm
 from dsv3ref.paged_cache import PagedLayer
 from dsv3ref.rope import apply_rope, softmax_scale
@@ -95,15 +96,15 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale(cfg)
         h, dim, qk = cfg.num_attention_heads, cfg.hidden_size, cfg.qk_head_dim
         if cfg.q_lora_rank is None:
-            self.q_proj = nn.Linear(dim, h * qk, bias=False)
+            self.q_proj = Linear(dim, h * qk, bias=False)
         else:
-            self.q_a_proj = nn.Linear(dim, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_proj = Linear(dim, cfg.q_lora_rank, bias=cfg.attention_bias)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * qk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
+            self.q_b_proj = Linear(cfg.q_lora_rank, h * qk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=cfg.attention_bias)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * cfg.v_head_dim, dim, bias=cfg.attention_bias)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = Linear(h * cfg.v_head_dim, dim, bias=cfg.attention_bias)
 
     @property
     def order(self) -> str:

@@ -15,6 +15,7 @@ from dsv3ref.checkpoint import LoadReport, load_pretrained
 from dsv3ref.config import ModelConfig
 from dsv3ref.fp8 import FP8Linear, quantize_weight, replace_fp8_layers
 from dsv3ref.impl import Implementation
+from dsv3ref.linear import Linear
 from dsv3ref.mtp import DEFAULT_MTP_LAMBDA, MTPLayer, mtp_loss
 from dsv3ref.norm import RMSNorm
 from dsv3ref.paged_cache import PagedKVCache
@@ -70,7 +71,7 @@ class DeepseekV3(nn.Module):
         """This model's forward passes under torch.compile, built on first use by
         dsv3ref.generate.compiled_steps (generate(..., compile=True)) and kept for later calls."""
         self.model = DeepseekV3Body(cfg, impl)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg)
         if impl.gemm_impl == "fp8":
             self._fp8_layers()

@@ -32,6 +32,7 @@ from torch import nn
 from dsv3ref.block import DecoderLayer
 from dsv3ref.config import ModelConfig
 from dsv3ref.impl import Implementation
+from dsv3ref.linear import Linear
 from dsv3ref.norm import RMSNorm
 
 DEFAULT_MTP_LAMBDA = 0.3
@@ -53,7 +54,7 @@ class MTPLayer(DecoderLayer):
         d = cfg.hidden_size
         self.enorm = RMSNorm(d, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.eh_proj = Linear(2 * d, d, bias=False)
         self.shared_head = SharedHead(cfg)
 
     def combine(self, hidden: torch.Tensor, token_embeds: torch.Tensor) -> torch.Tensor:
