@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from dsv3ref.config import ModelConfig
 from dsv3ref.fp8 import FP8Linear, linear_weight
@@ -78,6 +79,19 @@ def absorbed_is_cheaper(t: int, s: int, r: int, h: int, dn: int, dr: int, dv: in
                                                             = h * (t*r*(dn+dv) + t*s*(2*r+dr))
     """
     return t * r * (dn + dv) + t * s * (2 * r + dr) < s * r * (dn + dv) + t * s * (dn + dr + dv)
+
+
+_BIASES = WeakIdKeyDictionary()  # mask -> (its version, dtype, bias), by identity
+
+
+def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """mask (b, t, s) as an additive bias: 0 where True, -inf where False, in dtype. Made once per mask
+    (the model passes one mask to every layer of a forward) and kept while the mask lives."""
+    entry = _BIASES.get(mask)
+    if entry is None or entry[0] != mask._version or entry[1] != dtype:
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        entry = _BIASES[mask] = (mask._version, dtype, bias)
+    return entry[2]
 
 
 class MLA(nn.Module):
@@ -218,8 +232,8 @@ class MLA(nn.Module):
             # one pass forward and one multiply backward instead of a multiply, a fill and a fill of the
             # gradient (benchmarks/train_step.py). (A NaN or +inf score under the mask reaches the row here;
             # in training it has already reached the loss.)
-            bias = torch.zeros(mask.shape, dtype=compute, device=mask.device).masked_fill_(~mask, float("-inf"))
-            scores = torch.add(rearrange(bias, "b t s -> b 1 t s"), scores.to(compute), alpha=self.softmax_scale)
+            scores = torch.add(rearrange(_mask_bias(mask, compute), "b t s -> b 1 t s"), scores.to(compute),
+                               alpha=self.softmax_scale)
         else:  # (the cast inline: its copy is freed before masked_fill allocates; dsv3ref.simulate's peaks)
             scores = (scores.to(compute) * self.softmax_scale).masked_fill(
                 ~rearrange(mask, "b t s -> b 1 t s"), float("-inf"))

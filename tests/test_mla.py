@@ -142,3 +142,14 @@ def test_training_softmax_equals_masked_fill_bit_for_bit_forward_and_backward(dt
         ours.backward(grad)
         expected.backward(grad)
         assert torch.equal(a.grad, b.grad)
+    # The bias is made once per mask and reused by every layer: a mask changed in place (or another
+    # compute dtype) must not find the old one.
+    mask = causal.clone()
+    first = mla._softmax(scores.clone().requires_grad_(), mask, dtype)
+    assert torch.equal(mla._softmax(scores.clone().requires_grad_(), mask, dtype), first)
+    mask[:, 4, :3] = False
+    again = mla._softmax(scores.clone().requires_grad_(), mask, dtype)
+    with torch.no_grad():
+        assert torch.equal(again, mla._softmax(scores, mask, dtype)) and not torch.equal(again, first)
+    wide = mla._softmax(scores.double().requires_grad_(), mask, torch.float64)
+    assert wide.dtype == torch.float64 and torch.allclose(wide, again.double(), atol=1e-2)
