@@ -8,7 +8,10 @@ Contenders (same weights, same batch, float32, AdamW with foreach=False as the l
 zero_grad + forward + backward + optimizer step):
 
 - "HF main loss": transformers' DeepseekV3ForCausalLM(ids, labels=ids), its own loss;
-- "dsv3ref main loss": cross-entropy of dsv3ref's logits over the same shifted targets;
+- "dsv3ref main loss": cross-entropy of dsv3ref's logits over the same shifted targets (the training
+  loop's model: moe_impl "loop", each expert its own three linear layers);
+- "dsv3ref main, grouped": the same with moe_impl "grouped" (stacked experts, one grouped GEMM per
+  projection: the layout HF's experts have, and HF's default grouped_mm computation);
 - "dsv3ref main + MTP": `model.loss(ids)`, what the training loop runs (the MTP module adds one block
   and one more pass through the shared head per depth);
 - "dsv3ref FP8 main + MTP": the same with every FP8-eligible layer trained through the exact FP8
@@ -100,8 +103,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         dsv3ref.save_pretrained(model, folder)
         hf = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
+        grouped = dsv3ref.DeepseekV3.from_pretrained(folder, moe_impl="grouped", dtype=torch.float32, progress=False,
+                                                     mmap=False).train()
     contenders = {"HF main loss": (hf, hf_main), "dsv3ref main loss": (model, dsv3ref_main),
-                  "dsv3ref main + MTP": (model, dsv3ref_full)}
+                  "dsv3ref main, grouped": (grouped, dsv3ref_main), "dsv3ref main + MTP": (model, dsv3ref_full)}
     if not args.no_fp8:
         torch.manual_seed(0)
         fp8 = dsv3ref.DeepseekV3(cfg).train()
@@ -120,7 +125,7 @@ def main() -> None:
     share = mtp_share(cfg, args.seq + 1)
     for name, t in times.items():
         ratio = ""
-        if name == "dsv3ref main loss":
+        if name in ("dsv3ref main loss", "dsv3ref main, grouped"):
             ratio = f"{med['HF main loss'] / med[name]:.2f}x HF's speed on the same work"
         elif name == "dsv3ref main + MTP":
             extra = med[name] / med["dsv3ref main loss"] - 1
