@@ -286,3 +286,29 @@ def test_a_file_with_unaligned_tensors_loads_bit_for_bit_by_copying_them(saved, 
         assert torch.equal(loaded(ids), model(ids))
         for m in (1, 2, 5):  # small batches, where the unaligned kernels differed
             assert torch.equal(loaded(ids[:1, :m]), model(ids[:1, :m]))
+
+
+def test_layers_skip_their_own_random_draw_only_on_the_meta_device(monkeypatch):
+    """dsv3ref.linear.Linear is nn.Linear, less the Kaiming draw on the meta device (where loading builds
+    the model): on a real device it draws the same numbers from the same seed, so a seeded model's
+    random weights are what nn.Linear gave them; on the meta device the draw is never called."""
+    from torch import nn
+
+    from dsv3ref.linear import Linear
+
+    torch.manual_seed(5)
+    ours, after_ours = Linear(48, 24, bias=True), torch.rand(3)
+    torch.manual_seed(5)
+    theirs, after_theirs = nn.Linear(48, 24, bias=True), torch.rand(3)
+    assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
+    assert torch.equal(after_ours, after_theirs)  # the generator left where nn.Linear leaves it
+
+    def draw(*args, **kwargs):
+        raise AssertionError("a random draw on the meta device")
+
+    monkeypatch.setattr(nn.init, "kaiming_uniform_", draw)
+    with torch.device("meta"):
+        Linear(48, 24)
+        DeepseekV3(tiny_config())
+        with pytest.raises(AssertionError, match="random draw"):
+            nn.Linear(48, 24)  # the control: torch's layer draws
