@@ -561,7 +561,16 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
                                            notes=(*notes, "headers only: no tensor was read"), bytes_read=0,
                                            headers_sha256=headers_digest(headers))
             return model.eval()
-        targets = model.state_dict()  # still on the meta device: shapes and dtypes
+        # A module whose parameters the state_dict shows under other names, as views (the stacked experts of
+        # dsv3ref.experts: `{e}.gate_proj.weight` is a slice of `gate_up_proj`), is allocated whole now and
+        # filled by copying into those views: never mapped, so that no per-expert tensors wait to be stacked
+        # (which would hold the experts' memory twice).
+        shown = set(model.state_dict())
+        for prefix, module in model.named_modules():
+            own = [f"{prefix}.{p}" if prefix else p for p, _ in module.named_parameters(recurse=False)]
+            if own and not set(own) <= shown:
+                module.to_empty(device=device, recurse=False)
+        targets = model.state_dict()  # on the meta device (shapes and dtypes) but for those views
         # A tensor read in the dtype, shape and (CPU) device of its target becomes the parameter itself:
         # for a tensor taken whole from the file, its bytes mapped copy-on-write (safetensors maps the file
         # privately), so the load makes no copy and the page cache holds the only one. Any other is copied
@@ -571,13 +580,15 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
         # compute what the saved one did. (dsv3ref's own files align every tensor whose size allows it; a
         # file written elsewhere may align none.) The tied head is the embedding, tied again at the end.
         on_cpu = torch.device(device).type == "cpu"
-        adoptable = {name for name, t in targets.items() if mmap and on_cpu and t.numel()}
+        adoptable = {name for name, t in targets.items() if mmap and on_cpu and t.numel() and t.is_meta}
         adopted: dict[str, torch.Tensor] = {}
 
         def target(name: str) -> torch.Tensor:
             """The memory a tensor is copied into, allocated on first use."""
+            like = targets[name]
+            if not like.is_meta:
+                return like  # a view into memory allocated above
             if name not in adopted:
-                like = targets[name]
                 adopted[name] = torch.empty(like.shape, dtype=like.dtype, device=device)
             return adopted[name]
         copy_values = {}

@@ -232,6 +232,34 @@ def test_a_tied_head_stays_tied_when_loaded_mapped(tmp_path):
         assert torch.equal(again(ids), model(ids))
 
 
+def test_stacked_experts_are_filled_in_place_not_stacked_from_copies(saved, monkeypatch):
+    """moe_impl="grouped" keeps each layer's experts stacked; loading allocates the stacked tensors once
+    and copies every expert into its slice. Collecting per-expert tensors and stacking them at the end
+    (what load_state_dict's hook does) would hold the experts' memory twice (at 671B on a GPU: out of
+    memory), so loading must not stack; the logits are the loop model's to the dtype's rounding."""
+    import dsv3ref.experts
+
+    model, path = saved
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+
+    def stack(*args, **kwargs):
+        raise AssertionError("per-expert tensors stacked while loading")
+
+    monkeypatch.setattr(dsv3ref.experts.torch, "stack", stack)
+    for kwargs in ({}, {"mmap": False}, {"dtype": torch.float64}):
+        grouped = DeepseekV3.from_pretrained(path, moe_impl="grouped", **kwargs)
+        experts = grouped.model.layers[1].mlp.experts
+        assert not experts.gate_up_proj.is_meta and experts.gate_up_proj.requires_grad, kwargs
+        assert torch.equal(experts.gate_up_proj[2, experts.inter_dim:].to(model.dtype),
+                           model.model.layers[1].mlp.experts[2].up_proj.weight), kwargs
+        monkeypatch.undo()
+        loop = DeepseekV3.from_pretrained(path, **kwargs)  # the readable experts, one module each
+        tol = 1e-12 if loop.dtype == torch.float64 else 1e-5
+        with torch.no_grad():
+            assert torch.allclose(grouped(ids), loop(ids), rtol=tol, atol=tol), kwargs
+        monkeypatch.setattr(dsv3ref.experts.torch, "stack", stack)
+
+
 def _data_starts(file) -> dict[str, tuple[int, int]]:
     """name -> (where its bytes start in the file, how many), read from the safetensors header."""
     import struct
