@@ -581,16 +581,16 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
         # file written elsewhere may align none.) The tied head is the embedding, tied again at the end.
         on_cpu = torch.device(device).type == "cpu"
         adoptable = {name for name, t in targets.items() if mmap and on_cpu and t.numel() and t.is_meta}
-        adopted: dict[str, torch.Tensor] = {}
+        placed: dict[str, torch.Tensor] = {}  # name -> the tensor that becomes it: mapped, or memory copied into
 
         def target(name: str) -> torch.Tensor:
             """The memory a tensor is copied into, allocated on first use."""
             like = targets[name]
             if not like.is_meta:
                 return like  # a view into memory allocated above
-            if name not in adopted:
-                adopted[name] = torch.empty(like.shape, dtype=like.dtype, device=device)
-            return adopted[name]
+            if name not in placed:
+                placed[name] = torch.empty(like.shape, dtype=like.dtype, device=device)
+            return placed[name]
         copy_values = {}
         total = sum(reader.nbytes(name, *headers[name]) for names in to_read.values() for name in names)
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"loading {path.name}",
@@ -624,13 +624,13 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
                     elif (name in adoptable and value.dtype == targets[name].dtype
                           and value.shape == targets[name].shape and value.is_contiguous()
                           and value.data_ptr() % DATA_ALIGNMENT == 0):
-                        adopted[name] = value
+                        placed[name] = value
                     else:
                         target(name).copy_(value)
                     bar.update(reader.nbytes(name, *headers[name]))
                 for done in [other for other, last in last_use.items() if last == shard_number]:
                     reader.release(done)
-            model.load_state_dict(adopted, strict=False, assign=True)
+            model.load_state_dict(placed, strict=False, assign=True)
             if cfg.tie_word_embeddings:
                 model.lm_head.weight = model.model.embed_tokens.weight
             left = [name for name, t in model.state_dict().items() if t.is_meta]
