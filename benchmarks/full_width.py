@@ -26,7 +26,7 @@ import time
 import torch
 from common import machine
 
-from dsv3ref import DeepseekV3, ModelConfig
+from dsv3ref import DeepseekV3, ModelConfig, compare, trace
 from dsv3ref.checkpoint import Headers, load_pretrained
 from dsv3ref.fp8 import E4M3, FP8Linear
 from dsv3ref.generate import generate
@@ -68,6 +68,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def compare_kernels(model: DeepseekV3, prompt: torch.Tensor, kernel: str, reference: str, label: str,
+                    table: bool) -> None:
+    """The model's trace of `prompt` with each FP8 kernel: the logits at the last position (relative
+    difference in norm, greedy token), routing flips, and with table=True every traced point."""
+    traces = {}
+    for k in (kernel, reference):
+        set_kernel(model, k)
+        traces[k] = trace(model, prompt)
+    a, b = (traces[k]["lm_head"][0, -1].float() for k in (kernel, reference))
+    result = compare(traces[reference], traces[kernel], rtol=2e-2)
+    print(f"{label}, {kernel} against {reference}: logits at the prompt's last position differ by "
+          f"{((a - b).norm() / b.norm()).item():.2e} (relative, in norm), greedy token equal: "
+          f"{bool(a.argmax() == b.argmax())}; tokens routed to other experts: {sum(result.routing_flips.values())}")
+    if table:
+        print(f"every traced point ({prompt.shape[1]} tokens; errors relative to each point's largest value):")
+        print(result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -79,6 +97,8 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=512, help="tokens of the kernel comparison's prompt")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--kernel", choices=["scaled_mm"], help="compare this kernel with the emulation "
+                        "(default: what fp8_kernel='auto' picks; scaled_mm on a CPU compares torch's CPU kernel)")
     args = parser.parse_args()
     device = torch.device(args.device)
     release = ModelConfig.preset("deepseek-v3")
@@ -101,16 +121,18 @@ def main() -> None:
     # 1. the device's kernel against the exact emulation
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (1, args.prompt), generator=g).to(device)
-    logits = {}
-    with torch.no_grad():
-        for kernel in dict.fromkeys((auto, "emulate")):
-            set_kernel(model, kernel)
-            logits[kernel] = model(prompt)[0, -1].float()
+    kernels = list(dict.fromkeys((args.kernel or auto, "emulate")))
+    if len(kernels) > 1:
+        compare_kernels(model, prompt, *kernels, "bfloat16 activations (as a launch runs)", table=False)
+        # in float32 the activations are not rounded to bf16 between layers: what is left is the kernels'
+        # own difference (and the FP8 requantization of activations it may tip over a rounding boundary)
+        model.to(torch.float32)
+        compare_kernels(model, prompt, *kernels, "float32 activations", table=True)
+        model.to(torch.bfloat16)  # bf16 -> float32 -> bf16 is exact
+        for m in model.modules():
+            if isinstance(m, FP8Linear):
+                m._derived.clear()  # the float32 copies of dequantized weights: not what a launch holds
     if auto != "emulate":
-        diff = (logits[auto] - logits["emulate"]).norm() / logits["emulate"].norm()
-        same = bool(logits[auto].argmax() == logits["emulate"].argmax())
-        print(f"logits at the prompt's last position, {auto} against emulate: relative difference {diff:.2e}, "
-              f"greedy token equal: {same}")
         times: dict[str, list[float]] = {auto: [], "emulate": []}
         for _ in range(args.rounds):
             for kernel in times:

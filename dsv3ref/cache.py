@@ -60,6 +60,11 @@ class KVCache:
         self.filled = torch.zeros(len(self.layers), batch_size, dtype=torch.long, device=device)
         """(layers, batch): how many leading positions of each row each layer has written. A chunk may
         start at any position up to this (earlier ones are rewritten, as speculative decoding does)."""
+        # The cache is written in place by compiled steps: marked as fixed addresses, CUDA graphs
+        # (mode="reduce-overhead") may replay over it; unmarked, inductor skips CUDA graphs for a graph
+        # that mutates its inputs (seen on an H200). guard=False: a new cache re-records, not recompiles.
+        for t in [*(t for layer in self.layers for t in layer.values()), self.filled]:
+            torch._dynamo.mark_static_address(t, guard=False)
 
     @property
     def dtype(self) -> torch.dtype:

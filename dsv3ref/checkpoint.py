@@ -468,7 +468,8 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
                                   moe_impl=moe_impl, gemm_impl=gemm_impl, fp8_kernel=fp8_kernel)
     if impl.fp8_kernel == "scaled_mm" and scaled_mm_recipe(device) is None:
         raise ValueError(f"fp8_kernel='scaled_mm': torch {torch.__version__} offers no block-scaled scaled_mm on "
-                         f"device {device} (a CPU, or an SM90 GPU with CUDA >= 12.9); use fp8_kernel='emulate'")
+                         f"device {device} (it runs on a CPU whose torch build has scaled_mm's CPU kernel, or on an "
+                         "SM90 GPU with CUDA >= 12.9); use fp8_kernel='emulate'")
     if impl.gemm_impl == "fp8" and not fp8_weights:
         raise ValueError(f"gemm_impl='fp8': {path} stores no FP8 weights (no *.weight_scale_inv tensors)")
     cfg = cfg.replace(num_nextn_predict_layers=n_mtp,
@@ -639,13 +640,23 @@ def load_pretrained(cls, source: str | Path | Headers, *, dtype: torch.dtype | s
             targets = model.state_dict()
             for name, (file, value) in copy_values.items():
                 main = targets[copies[name]]
-                if not torch.equal(value.to(main.dtype), main):
+                if not _equal_values(value, main):
                     raise CheckpointError(f"{file}: tensor {name} differs from {copies[name]}; dsv3ref shares the main "
                                           "model's embedding and head with the MTP modules, as the report does")
         model.load_report = LoadReport(path=path, unused_tensors=tuple(sorted(unused)), notes=tuple(notes),
                                        bytes_read=reader.bytes_read, headers_sha256=headers_digest(headers),
                                        files_opened=reader.opens)
         return model.eval()
+
+
+def _equal_values(value: torch.Tensor, main: torch.Tensor, rows: int = 4096) -> bool:
+    """Whether `value` (read from a file, on the CPU) holds the values of `main` (the model's tensor, on
+    its device: a GPU too), compared on main's device a slice of rows at a time (at DeepSeek-V3's size a
+    whole copy of the head is 1.85 GB)."""
+    if value.shape != main.shape:
+        return False
+    pairs = zip(value.split(rows), main.split(rows), strict=True)
+    return all(torch.equal(v.to(main.device, main.dtype), m) for v, m in pairs)
 
 
 class _StoredHeaders:

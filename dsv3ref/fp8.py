@@ -24,6 +24,7 @@ Its 3 mantissa bits leave a relative rounding error of at most 2^-4 (half an ulp
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import weakref
@@ -276,12 +277,26 @@ def scaled_mm_recipe(device: str | torch.device) -> str | None:
         return None
     device = torch.device(device)
     if device.type == "cpu":
-        return "rowwise"
+        return "rowwise" if _cpu_scaled_mm_runs() else None
     if device.type == "cuda" and torch.version.cuda:
         cuda = tuple(int(v) for v in torch.version.cuda.split(".")[:2])
         if torch.cuda.get_device_capability(device) == (9, 0) and cuda >= (12, 9):
             return "blockwise"
     return None
+
+
+@functools.cache
+def _cpu_scaled_mm_runs() -> bool:
+    """Whether this torch build has scaled_mm's CPU kernel: the CPU wheels have it, some CUDA builds
+    (torch 2.11+cu130, seen on an H200 machine) register the operator for CUDA only. Tried once."""
+    a = torch.zeros(16, 16, dtype=E4M3)
+    one = torch.ones(16, 1)
+    try:
+        F.scaled_mm(a, a.t(), one, F.ScalingType.RowWise, one.t().contiguous(), F.ScalingType.RowWise,
+                    output_dtype=torch.float32)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
 
 
 def auto_kernel(device: str | torch.device) -> str:
@@ -352,7 +367,8 @@ def fp8_matmul_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Te
         return F.scaled_mm(**blockwise_operands(x_q, x_scale, w_q, w_scale_inv, block))[:m, :n]
     if recipe is None:
         raise ValueError(f"fp8_matmul_scaled_mm: torch {torch.__version__} has no block-scaled scaled_mm on "
-                         f"{x_q.device} (needs a CPU, or an SM90 GPU with CUDA >= 12.9); use fp8_matmul")
+                         f"{x_q.device} (needs a torch build with scaled_mm's CPU kernel, or an SM90 GPU with "
+                         "CUDA >= 12.9); use fp8_matmul")
     w_blocks, w_rows = w_rowwise if w_rowwise is not None else rowwise_weight(w_q, w_scale_inv, block)
     xb = _packed(rearrange(_pad_fp8(x_q, m, kb * block), "m (kb i) -> kb m i", i=block))  # (kb, m, 128)
     x_cols = _packed(rearrange(x_scale, "m kb -> kb m 1"))  # (kb, m, 1)

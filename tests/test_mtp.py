@@ -92,6 +92,27 @@ def test_checkpoint_without_mtp_loads_with_mtp_off(tmp_path):
         generate(loaded, [[1, 2]], 3, speculative=True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the loader reads on the CPU, places on CUDA")
+def test_cuda_load_of_an_mtp_checkpoint_equals_the_cpu_load(tmp_path):
+    # the MTP module's stored copies of the embedding and head are compared with the main ones where the
+    # model lives (a CPU tensor against a CUDA one failed inside torch.equal before; gpu_checks step 5)
+    cfg = mtp_config()
+    dsv3ref.save_pretrained(random_dsv3ref(cfg, seed=34), tmp_path)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    cpu, gpu = DeepseekV3.from_pretrained(tmp_path), DeepseekV3.from_pretrained(tmp_path, device="cuda")
+    with torch.no_grad():
+        h_cpu, h_gpu = cpu.hidden_states(ids), gpu.hidden_states(ids.cuda())
+        assert rel_err(gpu.lm_head(h_gpu).cpu(), cpu.lm_head(h_cpu)) < 1e-5  # float32 on two devices
+        mtp_cpu = cpu.mtp_logits(1, cpu.mtp_hidden_states(1, h_cpu[:, :-1], ids[:, 1:]))
+        mtp_gpu = gpu.mtp_logits(1, gpu.mtp_hidden_states(1, h_gpu[:, :-1], ids[:, 1:].cuda()))
+        assert rel_err(mtp_gpu.cpu(), mtp_cpu) < 1e-5
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.3.shared_head.head.weight"][-1, -1] += 1  # one value, in the last slice compared
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(dsv3ref.CheckpointError, match="shared_head.head.weight differs from lm_head"):
+        DeepseekV3.from_pretrained(tmp_path, device="cuda")
+
+
 def test_mtp_copy_of_the_head_must_equal_the_main_head(tmp_path):
     cfg = mtp_config()
     dsv3ref.save_pretrained(random_dsv3ref(cfg, seed=34), tmp_path)
