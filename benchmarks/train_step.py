@@ -103,7 +103,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         dsv3ref.save_pretrained(model, folder)
         hf = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
-        grouped = dsv3ref.DeepseekV3.from_pretrained(folder, moe_impl="grouped", dtype=torch.float32, progress=False,
+        grouped = dsv3ref.DeepseekV3.from_pretrained(folder, moe_impl="grouped", dtype=torch.float32,
                                                      mmap=False).train()
     contenders = {"HF main loss": (hf, hf_main), "dsv3ref main loss": (model, dsv3ref_main),
                   "dsv3ref main, grouped": (grouped, dsv3ref_main), "dsv3ref main + MTP": (model, dsv3ref_full)}

@@ -143,15 +143,23 @@ def _grouped(tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gat
     counts = torch.bincount(flat, minlength=gate_up_proj.shape[0])  # (experts,) rows per expert
     gate_values = weights.reshape(-1)[order, None].to(tokens.dtype)  # (n*k, 1)
     unsorted = tokens.new_empty(n * k, tokens.shape[1])  # each assignment's output, in (token, slot) order
-    for e0, e1, r0, r1 in _blocks(counts.tolist(), block_rows):
+    experts = gate_up_proj.shape[0]
+    spans = _blocks(counts.tolist(), block_rows)
+    if n * k and torch.is_grad_enabled() and (gate_up_proj.requires_grad or down_proj.requires_grad):
+        # Training keeps every block's activations for the backward pass anyway, and each block's slice
+        # of a stacked weight would get a zero-filled gradient of the whole stack (autograd's slice
+        # backward): one block of all experts, the weights whole (their gradients come out whole).
+        spans = [(0, experts, 0, n * k)]
+    for e0, e1, r0, r1 in spans:
         rows = order[r0:r1]
         x = tokens[rows // k]  # (rows, dim): the token of each assignment, expert e0's first
         block_counts = counts[e0:e1]
-        gate, up = grouped_linear(x, gate_up_proj[e0:e1], block_counts).split(inter, dim=-1)
+        whole = (e0, e1) == (0, experts)
+        gate, up = grouped_linear(x, gate_up_proj if whole else gate_up_proj[e0:e1], block_counts).split(inter, dim=-1)
         # The gate value scales the expert's output; applied before down_proj (linear), it touches
         # inter_dim numbers per row instead of dim.
         h = F.silu(gate) * up * gate_values[r0:r1]  # (rows, inter)
-        unsorted[rows] = grouped_linear(h, down_proj[e0:e1], block_counts)  # (rows, dim)
+        unsorted[rows] = grouped_linear(h, down_proj if whole else down_proj[e0:e1], block_counts)  # (rows, dim)
     # Each token's k contributions are added in a fixed order, so the result is deterministic on
     # every device (unlike an atomic scatter-add on a GPU).
     return reduce(unsorted, "(n k) c -> n c", "sum", k=k)
