@@ -119,6 +119,25 @@ def test_activation_tiles_and_scale_formats():
     assert torch.equal(torch.exp2(torch.log2(s8).round()), s8) and (s8 >= scale).all() and (s8 < 2 * scale).all()
 
 
+def test_activation_quantization_needs_no_clamp():
+    """quantize_activation leaves out a clamp to +-448 that cannot act: bit for bit the quantizer with
+    it, on tiles whose largest magnitude a gives a / (a / 448) > 448 in float32, on an all-zero tile
+    (the amax floor), with NaN and infinity, in both scale formats."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.rand(4096, generator=g) * 1000 + 1e-3
+    a = a[a / (a / 448.0) > 448.0][:40]
+    x = torch.randn(40, 300, generator=g).clamp(-1, 1) * a[:, None]
+    x[:, ::3] = a[:, None] * torch.randint(0, 2, (40, 100), generator=g).mul(2).sub(1)
+    x[0, :128] = 0
+    x[1, 5], x[2, 7], x[3, 260] = float("nan"), float("inf"), -float("inf")
+    assert (x[4:].abs().amax(-1) / (x[4:].abs().amax(-1) / 448) > 448).all()
+    for scale_fmt in (None, "ue8m0"):
+        q, scale = quantize_activation(x, scale_fmt=scale_fmt)
+        tiles = torch.nn.functional.pad(x, (0, 84)).view(40, 3, 128)
+        with_clamp = (tiles / scale[..., None]).clamp(-448, 448).to(E4M3).view(40, 384)[:, :300]
+        assert torch.equal(q.view(torch.uint8), with_clamp.view(torch.uint8)), scale_fmt
+
+
 @pytest.mark.parametrize("m,k,n", [(4, 256, 128), (7, 300, 130), (1, 128, 5)])
 def test_fp8_gemm_equals_float64_block_formula_and_is_close_to_the_real_product(m, k, n):
     g = torch.Generator().manual_seed(m * k)
