@@ -62,10 +62,13 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> to
         offs = counts.cumsum(0).to(torch.int32)
         return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
     out = x.new_empty(x.shape[0], w.shape[1])
+    # unbind, not w[g]: autograd then stacks the groups' weight gradients once, where an index per group
+    # would give each group a zero-filled gradient of the whole stack
+    per_group = w.unbind(0)
     start = 0
     for g, n in enumerate(counts.tolist()):
         if n:
-            out[start:start + n] = x[start:start + n] @ w[g].T  # (n, in) @ (in, out)
+            out[start:start + n] = x[start:start + n] @ per_group[g].T  # (n, in) @ (in, out)
         start += n
     return out
 

@@ -340,3 +340,19 @@ def test_layers_skip_their_own_random_draw_only_on_the_meta_device(monkeypatch):
         DeepseekV3(tiny_config())
         with pytest.raises(AssertionError, match="random draw"):
             nn.Linear(48, 24)  # the control: torch's layer draws
+
+
+def test_stored_copies_are_compared_slice_by_slice_in_the_models_dtype():
+    # the loader checks the MTP module's stored copies of embedding and head against the main tensors a
+    # slice of rows at a time, on the main tensor's device and in its dtype (GPU: tests/test_mtp.py)
+    from dsv3ref.checkpoint import _equal_values
+
+    g = torch.Generator().manual_seed(0)
+    stored = torch.randn(10, 6, generator=g)
+    main = stored.to(torch.bfloat16)
+    assert _equal_values(stored.to(torch.bfloat16).float(), main, rows=3)  # equal after the dtype cast
+    for row in (0, 4, 9):  # a difference in the first, a middle and the last, shorter slice
+        changed = stored.to(torch.bfloat16).float()
+        changed[row, 5] += 1
+        assert not _equal_values(changed, main, rows=3), row
+    assert not _equal_values(stored[:9], stored, rows=3)  # another shape

@@ -138,15 +138,17 @@ def consumers_of(output: torch.Tensor, param: torch.Tensor) -> set[str]:
     return found
 
 
-def test_grouped_training_takes_the_stacked_weights_whole():
-    # A slice of a stacked weight per run of experts would give each run a zero-filled gradient of the
-    # whole stack (autograd's SliceBackward): at `small` 0.68 s of an 8.8 s training step
+@pytest.mark.parametrize("dtype,consumer", [(torch.float32, "TransposeBackward0"), (torch.float64, "UnbindBackward0")])
+def test_grouped_training_takes_the_stacked_weights_whole(dtype, consumer):
+    # A slice of a stacked weight per run of experts, or an index per expert (float64's fallback without
+    # grouped_mm), would give each its own zero-filled gradient of the whole stack: at `small` 0.68 s of an
+    # 8.8 s training step. float32: grouped_mm reads w.transpose(1, 2); float64: the weights unbound once.
     cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
-    _, grouped = moe_pair(cfg)
+    _, grouped = moe_pair(cfg, dtype)
     grouped.experts.block_rows = 7  # would cut the assignments into many runs
-    out = grouped(torch.randn(3, 13, cfg.hidden_size))
+    out = grouped(torch.randn(3, 13, cfg.hidden_size, dtype=dtype))
     for param in (grouped.experts.gate_up_proj, grouped.experts.down_proj):
-        assert consumers_of(out, param) == {"TransposeBackward0"}  # grouped_mm's w.transpose(1, 2), not a slice
+        assert consumers_of(out, param) == {consumer}
 
 
 def test_full_model_grouped_equals_loop_and_hf(tmp_path):

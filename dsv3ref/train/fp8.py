@@ -71,7 +71,7 @@ class FP8LinearFunction(torch.autograd.Function):
         # Wgrad: dW (N, K) = dy^T (N, M) @ x (M, K); contraction over tokens M: both in 128 x 1 tiles. x
         # is the forward's FP8 copy, dequantized, transposed and quantized again in 128 x 1 tiles (the
         # report, section 3.5.2: "read out, dequantized, transposed, re-quantized into 128x1 tiles").
-        x_deq = dequantize_tiles(x_q, x_s)  # (M, K) float32
+        x_deq = decode_e4m3(x_q) * x_s.repeat_interleave(BLOCK, dim=1)[:, :x_q.shape[1]]  # (M, K) float32
         dyt_q, dyt_s = quantize_activation(dy.T.contiguous())  # (N, M), (N, Mb)
         xt_q, xt_s = quantize_activation(x_deq.T.contiguous())  # (K, M), (K, Mb)
         dw = tile_matmul(dyt_q, dyt_s, xt_q, xt_s, accumulate=acc).float()
@@ -106,15 +106,6 @@ class FP8TrainLinear(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
         y = FP8LinearFunction.apply(flat, self.weight, self.quantized_weight())
         return y.reshape(*x.shape[:-1], self.out_features)
-
-
-def dequantize_tiles(x_q: torch.Tensor, x_s: torch.Tensor) -> torch.Tensor:
-    """x_q (M, K) E4M3 times its 1 x 128 tile scales x_s (M, Kb), float32: each tile's values times its
-    scale (the scales broadcast over the tiles, not repeated into an (M, K) copy, when K is whole tiles)."""
-    m, k = x_q.shape
-    if k % BLOCK:
-        return decode_e4m3(x_q) * x_s.repeat_interleave(BLOCK, dim=1)[:, :k]
-    return (decode_e4m3(x_q).view(m, -1, BLOCK) * x_s[:, :, None]).view(m, k)
 
 
 def fp8_training_layers(model: nn.Module) -> int:
