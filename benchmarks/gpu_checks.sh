@@ -13,7 +13,7 @@
 #
 # 1. the tests that need an SM90 GPU (torch's blockwise scaled_mm against the exact emulation);
 # 2. the FP8 GEMM at DeepSeek-V3's shapes: emulation, scaled_mm, dense bf16;
-# 3. the MoE layer in bf16: loop vs grouped vs HF's eager and grouped_mm experts;
+# 3. the MoE layer in bf16: loop vs grouped (one run, and the CPU's runs of 2,048) vs HF's eager and grouped_mm experts;
 # 4. compiled decoding on CUDA (mode="reduce-overhead": CUDA graphs over the static cache) against eager;
 # 5. scale-out at world size 1 on NCCL: the sharded loader onto CUDA, the split model against the whole;
 # 6. training on CUDA (float32 and FP8 GEMMs), 30 steps each;
@@ -46,7 +46,7 @@ EOF2
 
 # 1. the tests that need an SM90 GPU
 step_1() {
-python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs tests/test_fp8.py tests/test_mtp.py -k "scaled_mm or hopper or cuda" 2>&1 | tee "$out/gpu_tests.txt"
+python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs tests/test_fp8.py tests/test_mtp.py tests/test_moe.py -k "scaled_mm or hopper or cuda" 2>&1 | tee "$out/gpu_tests.txt"
 }
 # 2. the FP8 GEMM at DeepSeek-V3's shapes
 step_2() {

@@ -6,8 +6,9 @@ rows, and every expert's matrix product runs in a single grouped GEMM over those
 (`torch.nn.functional.grouped_mm`, with `offs` marking where each block ends). The results are
 multiplied by the gate values and summed back per token.
 
-Long batches are cut into runs of whole experts holding about `block_rows` assignments, one
-grouped GEMM per run over just those experts.
+On a CPU, long batches are cut into runs of whole experts holding about `block_rows` assignments,
+one grouped GEMM per run over just those experts; on a GPU one run takes them all, with no host
+synchronization (`StackedExperts.block_rows`).
 The weights live stacked, created once: `gate_up_proj` (experts, 2 * inter, dim) holds each
 expert's gate_proj and up_proj rows, `down_proj` (experts, dim, inter). Their state_dict still uses
 the checkpoint's names (`{e}.gate_proj.weight`, ...), as views into the stacked tensors, so loading
@@ -23,6 +24,8 @@ from torch import nn
 
 from dsv3ref.kernels.gemm import contiguous_layout
 from dsv3ref.swap import current
+
+CPU_BLOCK_ROWS = 2048  # assignments per run on a CPU (StackedExperts.block_rows)
 
 
 def grouped_mm_supported(device_type: str, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> bool:
@@ -81,9 +84,11 @@ class StackedExperts(nn.Module):
         self.n_experts, self.inter_dim = n_experts, inter_dim
         self.first_expert = first_expert
         """The checkpoint number of expert 0 here (non-zero when a parallel plan keeps a slice of the experts)."""
-        # Assignments are processed in runs of whole experts of about this many rows, so that the
-        # intermediates of a long prefill stay small (on a CPU, cache-sized: measured in benchmarks/moe.py).
-        self.block_rows = 2048
+        self.block_rows: int | None = None
+        """Assignments are processed in runs of whole experts of about this many rows. None: 2,048 on a
+        CPU, where it keeps a long prefill's intermediates cache-sized (measured in benchmarks/moe.py),
+        and one run of all assignments on other devices (a GPU: one grouped GEMM per projection and no
+        host synchronization; the memory planner counts all of a prefill chunk's intermediates)."""
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.register_state_dict_post_hook(_split_state_dict)
@@ -98,7 +103,8 @@ class StackedExperts(nn.Module):
             if tokens.device.type == "cpu":
                 # The grouped computation as one opaque operator of the graph (its output is (n, dim)
                 # whatever the routing, so the graph stays whole): each expert read once, on its tokens only.
-                return grouped_experts(tokens, weights, ids, self.gate_up_proj, self.down_proj, self.block_rows)
+                return grouped_experts(tokens, weights, ids, self.gate_up_proj, self.down_proj,
+                                       self.rows_per_run(tokens.device))
             if n * k <= self.n_experts:  # (CUDA graphs cannot capture its host synchronization)
                 return self.dense(tokens, weights, ids)  # most experts in use: read each one once
         return self.grouped(tokens, weights, ids)
@@ -120,7 +126,13 @@ class StackedExperts(nn.Module):
     @torch.compiler.disable  # sizes that depend on the routing: always eager, between compiled parts
     def grouped(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The sorted, blocked grouped-GEMM computation described in the module docstring."""
-        return _grouped(tokens, weights, ids, self.gate_up_proj, self.down_proj, self.block_rows)
+        return _grouped(tokens, weights, ids, self.gate_up_proj, self.down_proj, self.rows_per_run(tokens.device))
+
+    def rows_per_run(self, device: torch.device) -> int | None:
+        """`block_rows` as it applies on `device` (None: one run of all assignments)."""
+        if self.block_rows is not None:
+            return self.block_rows
+        return CPU_BLOCK_ROWS if device.type == "cpu" else None
 
     def gathered(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The same sum with shapes that do not depend on the routing, for torch.compile (the sorted
@@ -137,22 +149,30 @@ class StackedExperts(nn.Module):
 
 
 def _grouped(tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
-             down_proj: torch.Tensor, block_rows: int) -> torch.Tensor:
-    """StackedExperts.grouped on explicit weights: gate_up_proj (e, 2 * inter, c), down_proj (e, c, inter)."""
+             down_proj: torch.Tensor, block_rows: int | None) -> torch.Tensor:
+    """StackedExperts.grouped on explicit weights: gate_up_proj (e, 2 * inter, c), down_proj (e, c, inter);
+    runs of about block_rows assignments, or one run (None)."""
     n, k = ids.shape
     inter = down_proj.shape[-1]
+    experts = gate_up_proj.shape[0]
     flat = ids.reshape(-1)  # (n*k,) the expert of each assignment
-    order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-    counts = torch.bincount(flat, minlength=gate_up_proj.shape[0])  # (experts,) rows per expert
+    sorted_ids, order = torch.sort(flat, stable=True)  # assignments grouped by expert
+    # (experts,) rows per expert, from where each expert's rows end in the sorted ids (bincount would
+    # wait for the device to learn its output's size)
+    ends = torch.searchsorted(sorted_ids, torch.arange(1, experts + 1, device=flat.device))
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
     gate_values = weights.reshape(-1)[order, None].to(tokens.dtype)  # (n*k, 1)
     unsorted = tokens.new_empty(n * k, tokens.shape[1])  # each assignment's output, in (token, slot) order
-    experts = gate_up_proj.shape[0]
-    spans = _blocks(counts.tolist(), block_rows)
-    if n * k and torch.is_grad_enabled() and (gate_up_proj.requires_grad or down_proj.requires_grad):
-        # Training keeps every block's activations for the backward pass anyway, and each block's slice
-        # of a stacked weight would get a zero-filled gradient of the whole stack (autograd's slice
-        # backward): one block of all experts, the weights whole (their gradients come out whole).
+    training = torch.is_grad_enabled() and (gate_up_proj.requires_grad or down_proj.requires_grad)
+    # Training keeps every run's activations for the backward pass anyway, and each run's slice of a
+    # stacked weight would get a zero-filled gradient of the whole stack (autograd's slice backward):
+    # it takes one run of all experts, the weights whole (their gradients come out whole).
+    if n * k == 0:
+        spans = []
+    elif block_rows is None or training:
         spans = [(0, experts, 0, n * k)]
+    else:
+        spans = _blocks(counts.tolist(), block_rows)
     for e0, e1, r0, r1 in spans:
         rows = order[r0:r1]
         x = tokens[rows // k]  # (rows, dim): the token of each assignment, expert e0's first
@@ -182,7 +202,7 @@ def _blocks(counts: list[int], block_rows: int):
 
 @torch.library.custom_op("dsv3ref::grouped_experts", mutates_args=())
 def grouped_experts(tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
-                    down_proj: torch.Tensor, block_rows: int) -> torch.Tensor:
+                    down_proj: torch.Tensor, block_rows: int | None) -> torch.Tensor:
     """`_grouped` registered as a torch operator (`torch.ops.dsv3ref.grouped_experts`), so that
     torch.compile keeps it in one graph as a call, instead of tracing its routing-dependent sizes."""
     return _grouped(tokens, weights, ids, gate_up_proj, down_proj, block_rows)

@@ -11,7 +11,7 @@ from helpers import hf_model, rel_err, tiny_config
 
 import dsv3ref
 from dsv3ref import DeepseekV3
-from dsv3ref.experts import grouped_linear
+from dsv3ref.experts import StackedExperts, grouped_linear
 from dsv3ref.mlp import MLP
 from dsv3ref.moe import MoE
 
@@ -113,14 +113,51 @@ def test_grouped_linear_fallback_equals_grouped_mm():
     assert rel_err(grouped_linear(x.double(), w.double(), counts), expected.double()) < 1e-6  # the fallback
 
 
-def test_grouped_matches_loop_when_split_into_many_blocks():
+@pytest.mark.parametrize("block_rows", [7, None])  # 3 * 13 tokens * 4 slots = 156 assignments: many runs, one run
+def test_grouped_matches_loop_when_split_into_many_blocks(block_rows):
     cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
     loop, grouped = moe_pair(cfg)
-    grouped.experts.block_rows = 7  # 3 * 13 tokens * 4 experts = 156 assignments: many runs of whole experts
+    grouped.experts.block_rows = block_rows
     x = torch.randn(3, 13, cfg.hidden_size)
     with torch.no_grad():  # inference cuts the runs; training takes one run of all experts (next test)
         assert rel_err(grouped(x), loop(x)) < 1e-5
     check_forward_and_backward(loop, grouped, x, 1e-5)
+
+
+def test_runs_are_cut_on_a_cpu_only_and_one_run_never_reads_back_from_the_device():
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    from dsv3ref.experts import CPU_BLOCK_ROWS, _grouped
+
+    experts = StackedExperts(8, 64, 32).bfloat16()
+    assert experts.rows_per_run(torch.device("cpu")) == CPU_BLOCK_ROWS == 2048
+    assert experts.rows_per_run(torch.device("cuda")) is None  # one run of all assignments
+    experts.block_rows = 100
+    assert experts.rows_per_run(torch.device("cuda")) == 100
+    # Fake tensors hold no values: any host read of the routing (a GPU synchronization) raises.
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        tokens = torch.randn(10, 64, dtype=torch.bfloat16)
+        weights, ids = torch.rand(10, 2), torch.randint(0, 8, (10, 2))
+        assert _grouped(tokens, weights, ids, experts.gate_up_proj, experts.down_proj, None).shape == (10, 64)
+        with pytest.raises(DataDependentOutputException):  # runs are cut from the counts on the host
+            _grouped(tokens, weights, ids, experts.gate_up_proj, experts.down_proj, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: torch's grouped_mm in bf16 on CUDA")
+@pytest.mark.parametrize("block_rows", [None, 7])  # one run (the default on a GPU), many runs
+def test_grouped_experts_on_cuda_equal_the_loop_on_the_cpu(block_rows):
+    # widths whose bf16 rows are multiples of 16 bytes, as CUDA's grouped_mm requires
+    cfg = tiny_config(hidden_size=64, moe_intermediate_size=32, n_routed_experts=16, n_group=4, topk_group=2,
+                      num_experts_per_tok=4)
+    loop, grouped = moe_pair(cfg)
+    grouped = grouped.to("cuda", torch.bfloat16)
+    grouped.experts.block_rows = block_rows
+    tokens = torch.randn(300, cfg.hidden_size)
+    weights, ids = torch.rand(300, 4), torch.randint(0, 16, (300, 4))  # the same routing for both
+    with torch.no_grad():
+        expected = loop.experts(tokens.bfloat16().float(), weights, ids)
+        got = grouped.experts(tokens.cuda().bfloat16(), weights.cuda(), ids.cuda())
+    assert rel_err(got.float().cpu(), expected) < 2e-2  # bf16 weights and products (2^-8 relative each)
 
 
 def consumers_of(output: torch.Tensor, param: torch.Tensor) -> set[str]:
