@@ -15,7 +15,10 @@ zero_grad + forward + backward + optimizer step):
 - "dsv3ref main + MTP": `model.loss(ids)`, what the training loop runs (the MTP module adds one block
   and one more pass through the shared head per depth);
 - "dsv3ref FP8 main + MTP": the same with every FP8-eligible layer trained through the exact FP8
-  emulation (dsv3ref.train.fp8).
+  emulation (dsv3ref.train.fp8);
+- "float64 GEMMs main + MTP": the FP8 step's floor on this hardware: the same layers run their three
+  GEMMs (forward, Dgrad, Wgrad) as single float64 products, as the exact emulation must (a 128-term sum
+  of E4M3 products needs float64 to be exact), with no quantization and no per-block split.
 
 Each round runs every contender once (A, B, C, D, A, ...), after one warm-up step each; medians are
 reported with the range. Ratios above 1 mean dsv3ref is faster than its peer. The MTP's share of the
@@ -35,8 +38,22 @@ import torch.nn.functional as F
 from common import machine
 
 import dsv3ref
+from dsv3ref.fp8 import replace_fp8_layers
 from dsv3ref.train.fp8 import fp8_training_layers
 from dsv3ref.train.loop import small_config
+
+
+class Float64Linear(torch.nn.Linear):
+    """nn.Linear whose products run in float64 (forward, and through autograd both backward GEMMs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.double(), self.weight.double()).to(x.dtype)
+
+
+def float64_layers(layer: torch.nn.Linear) -> Float64Linear:
+    out = Float64Linear(layer.in_features, layer.out_features, bias=False)
+    out.weight = layer.weight
+    return out
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
@@ -113,6 +130,10 @@ def main() -> None:
         fp8.load_state_dict(model.state_dict())
         fp8_training_layers(fp8)
         contenders["dsv3ref FP8 main + MTP"] = (fp8, dsv3ref_full)
+        floor = dsv3ref.DeepseekV3(cfg).train()
+        floor.load_state_dict(model.state_dict())
+        replace_fp8_layers(floor, float64_layers)
+        contenders["float64 GEMMs main + MTP"] = (floor, dsv3ref_full)
     optimizers = {name: adamw(m) for name, (m, _) in contenders.items()}
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
     for name, (m, fn) in contenders.items():  # warm-up
@@ -131,6 +152,9 @@ def main() -> None:
             extra = med[name] / med["dsv3ref main loss"] - 1
             ratio = f"MTP adds {extra:+.0%} time for {share:.0%} more work ({extra / share:.2f}x its share)"
         elif name.startswith("dsv3ref FP8"):
+            ratio = (f"{med[name] / med['dsv3ref main + MTP']:.2f}x the float32 step's time, "
+                     f"{med[name] / med['float64 GEMMs main + MTP']:.2f}x its floor")
+        elif name.startswith("float64"):
             ratio = f"{med[name] / med['dsv3ref main + MTP']:.2f}x the float32 step's time"
         print(f"{name:24s} median {med[name] * 1e3:8.1f} ms (min {min(t) * 1e3:7.1f}, max {max(t) * 1e3:7.1f})  "
               f"{ratio}", flush=True)
