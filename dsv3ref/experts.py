@@ -130,9 +130,7 @@ class StackedExperts(nn.Module):
 
     def rows_per_run(self, device: torch.device) -> int | None:
         """`block_rows` as it applies on `device` (None: one run of all assignments)."""
-        if self.block_rows is not None:
-            return self.block_rows
-        return CPU_BLOCK_ROWS if device.type == "cpu" else None
+        return self.block_rows if self.block_rows is not None else default_block_rows(device.type)
 
     def gathered(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The same sum with shapes that do not depend on the routing, for torch.compile (the sorted
@@ -148,12 +146,17 @@ class StackedExperts(nn.Module):
 
 
 
+def default_block_rows(device_type: str) -> int | None:
+    """Assignments per run where StackedExperts.block_rows is None: CPU_BLOCK_ROWS on a CPU, one run
+    (None) on any other device."""
+    return CPU_BLOCK_ROWS if device_type == "cpu" else None
+
+
 def _grouped(tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up_proj: torch.Tensor,
              down_proj: torch.Tensor, block_rows: int | None) -> torch.Tensor:
     """StackedExperts.grouped on explicit weights: gate_up_proj (e, 2 * inter, c), down_proj (e, c, inter);
     runs of about block_rows assignments, or one run (None)."""
     n, k = ids.shape
-    inter = down_proj.shape[-1]
     experts = gate_up_proj.shape[0]
     flat = ids.reshape(-1)  # (n*k,) the expert of each assignment
     sorted_ids, order = torch.sort(flat, stable=True)  # assignments grouped by expert
@@ -162,7 +165,6 @@ def _grouped(tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gat
     ends = torch.searchsorted(sorted_ids, torch.arange(1, experts + 1, device=flat.device))
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
     gate_values = weights.reshape(-1)[order, None].to(tokens.dtype)  # (n*k, 1)
-    unsorted = tokens.new_empty(n * k, tokens.shape[1])  # each assignment's output, in (token, slot) order
     training = torch.is_grad_enabled() and (gate_up_proj.requires_grad or down_proj.requires_grad)
     # Training keeps every run's activations for the backward pass anyway, and each run's slice of a
     # stacked weight would get a zero-filled gradient of the whole stack (autograd's slice backward):
@@ -173,19 +175,32 @@ def _grouped(tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gat
         spans = [(0, experts, 0, n * k)]
     else:
         spans = _blocks(counts.tolist(), block_rows)
+    unsorted = None
     for e0, e1, r0, r1 in spans:
         rows = order[r0:r1]
-        x = tokens[rows // k]  # (rows, dim): the token of each assignment, expert e0's first
-        block_counts = counts[e0:e1]
         whole = (e0, e1) == (0, experts)
-        gate, up = grouped_linear(x, gate_up_proj if whole else gate_up_proj[e0:e1], block_counts).split(inter, dim=-1)
-        # The gate value scales the expert's output; applied before down_proj (linear), it touches
-        # inter_dim numbers per row instead of dim.
-        h = F.silu(gate) * up * gate_values[r0:r1]  # (rows, inter)
-        unsorted[rows] = grouped_linear(h, down_proj if whole else down_proj[e0:e1], block_counts)  # (rows, dim)
+        gate_up_w, down_w = (gate_up_proj, down_proj) if whole else (gate_up_proj[e0:e1], down_proj[e0:e1])
+        h = _hidden(tokens[rows // k], gate_up_w, counts[e0:e1], gate_values[r0:r1])  # (rows, inter)
+        if unsorted is None:  # made after the first run's hidden layer, which then holds less memory at once
+            unsorted = tokens.new_empty(n * k, tokens.shape[1])  # each assignment's output, (token, slot) order
+        unsorted[rows] = grouped_linear(h, down_w, counts[e0:e1])  # (rows, dim)
+    if unsorted is None:
+        return tokens.new_zeros(n, tokens.shape[1])  # no assignments
+    if k == 1:
+        return unsorted  # one slot per token (a parallel plan's local assignments): nothing to add
     # Each token's k contributions are added in a fixed order, so the result is deterministic on
     # every device (unlike an atomic scatter-add on a GPU).
     return reduce(unsorted, "(n k) c -> n c", "sum", k=k)
+
+
+def _hidden(x: torch.Tensor, gate_up_proj: torch.Tensor, counts: torch.Tensor, gate_values: torch.Tensor
+            ) -> torch.Tensor:
+    """silu(x W_gate^T) * (x W_up^T) * g for assignment rows x (rows, dim) sorted by expert, their gate
+    values g (rows, 1) -> (rows, inter). The gate value scales the expert's output; applied before
+    down_proj (linear), it touches inter numbers per row instead of dim. A function of its own so that x
+    and the gate and up projections are freed (in inference) before down_proj runs."""
+    gate, up = grouped_linear(x, gate_up_proj, counts).chunk(2, dim=-1)
+    return F.silu(gate) * up * gate_values
 
 
 def _blocks(counts: list[int], block_rows: int):

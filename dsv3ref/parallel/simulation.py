@@ -255,7 +255,8 @@ class SimulationMode(TorchDispatchMode):
 def simulated_gpu() -> Iterator[None]:
     """The device-dependent choices of the code answered as on an H100/H200 (SM90, CUDA >= 12.9): torch's
     blockwise scaled_mm runs there (dsv3ref.fp8.scaled_mm_recipe), so fp8_kernel "auto" takes it and the
-    FP8 layers call it; grouped_mm takes bf16 only (dsv3ref.experts.grouped_mm_supported). The fake
+    FP8 layers call it; grouped_mm takes bf16 only (dsv3ref.experts.grouped_mm_supported), and the
+    grouped experts take all assignments in one run (dsv3ref.experts.default_block_rows). The fake
     tensors themselves live on the CPU device (torch's CPU build cannot index fake CUDA tensors);
     everything else the code does is the same on both."""
     def recipe(device) -> str:
@@ -266,7 +267,8 @@ def simulated_gpu() -> Iterator[None]:
 
     with mock.patch.object(fp8, "scaled_mm_recipe", recipe), \
             mock.patch.object(checkpoint, "scaled_mm_recipe", recipe), \
-            mock.patch.object(experts, "_can_use_grouped_mm", grouped):
+            mock.patch.object(experts, "_can_use_grouped_mm", grouped), \
+            mock.patch.object(experts, "default_block_rows", lambda device_type: None):
         yield
 
 
