@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_dsv3ref, rel_err, tiny_config
+from helpers import needs_cpu_scaled_mm, random_dsv3ref, rel_err, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -185,11 +185,6 @@ def _quantized_operands(m, k, n, scale_fmt=None, device="cpu"):
     return x_q, x_s, *quantize_weight(w.to(device), scale_fmt=scale_fmt)
 
 
-# torch's CPU wheels (what CI installs) have scaled_mm's CPU kernel; some CUDA builds register the operator
-# for CUDA only (torch 2.11+cu130 on the H200 machine): there the CPU tests of the kernel cannot run
-needs_cpu_scaled_mm = pytest.mark.skipif(
-    scaled_mm_recipe("cpu") is None and torch.cuda.is_available(),
-    reason="this CUDA build of torch has no CPU kernel for scaled_mm")
 needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or scaled_mm_recipe("cuda") != "blockwise",
                                   reason="needs an SM90 GPU (H100/H200) with CUDA >= 12.9")
 
