@@ -7,8 +7,8 @@ rows, and every expert's matrix product runs in a single grouped GEMM over those
 multiplied by the gate values and summed back per token.
 
 On a CPU, long batches are cut into runs of whole experts holding about `block_rows` assignments,
-one grouped GEMM per run over just those experts; on a GPU one run takes them all, with no host
-synchronization (`StackedExperts.block_rows`).
+one grouped GEMM per run over just those experts; on a GPU one run takes them all (in bf16 with no
+host synchronization: `StackedExperts.block_rows`).
 The weights live stacked, created once: `gate_up_proj` (experts, 2 * inter, dim) holds each
 expert's gate_proj and up_proj rows, `down_proj` (experts, dim, inter). Their state_dict still uses
 the checkpoint's names (`{e}.gate_proj.weight`, ...), as views into the stacked tensors, so loading
@@ -87,8 +87,9 @@ class StackedExperts(nn.Module):
         self.block_rows: int | None = None
         """Assignments are processed in runs of whole experts of about this many rows. None: 2,048 on a
         CPU, where it keeps a long prefill's intermediates cache-sized (measured in benchmarks/moe.py),
-        and one run of all assignments on other devices (a GPU: one grouped GEMM per projection and no
-        host synchronization; the memory planner counts all of a prefill chunk's intermediates)."""
+        and one run of all assignments on other devices (a GPU: one grouped GEMM per projection, and in
+        bf16, where torch's grouped_mm runs, no host synchronization; the memory planner counts all of a
+        prefill chunk's intermediates)."""
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.register_state_dict_post_hook(_split_state_dict)
@@ -157,6 +158,8 @@ def _grouped(tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gat
     """StackedExperts.grouped on explicit weights: gate_up_proj (e, 2 * inter, c), down_proj (e, c, inter);
     runs of about block_rows assignments, or one run (None)."""
     n, k = ids.shape
+    if n * k == 0:
+        return tokens.new_zeros(n, tokens.shape[1])  # no assignments
     experts = gate_up_proj.shape[0]
     flat = ids.reshape(-1)  # (n*k,) the expert of each assignment
     sorted_ids, order = torch.sort(flat, stable=True)  # assignments grouped by expert
@@ -169,9 +172,7 @@ def _grouped(tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gat
     # Training keeps every run's activations for the backward pass anyway, and each run's slice of a
     # stacked weight would get a zero-filled gradient of the whole stack (autograd's slice backward):
     # it takes one run of all experts, the weights whole (their gradients come out whole).
-    if n * k == 0:
-        spans = []
-    elif block_rows is None or training:
+    if block_rows is None or training:
         spans = [(0, experts, 0, n * k)]
     else:
         spans = _blocks(counts.tolist(), block_rows)
@@ -184,8 +185,6 @@ def _grouped(tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gat
         if unsorted is None:  # made after the first run's hidden layer, which then holds less memory at once
             unsorted = tokens.new_empty(n * k, tokens.shape[1])  # each assignment's output, (token, slot) order
         unsorted[rows] = grouped_linear(h, down_w, counts[e0:e1])  # (rows, dim)
-    if unsorted is None:
-        return tokens.new_zeros(n, tokens.shape[1])  # no assignments
     if k == 1:
         return unsorted  # one slot per token (a parallel plan's local assignments): nothing to add
     # Each token's k contributions are added in a fixed order, so the result is deterministic on

@@ -113,12 +113,13 @@ def test_grouped_linear_fallback_equals_grouped_mm():
     assert rel_err(grouped_linear(x.double(), w.double(), counts), expected.double()) < 1e-6  # the fallback
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # grouped_mm, and the per-expert fallback
 @pytest.mark.parametrize("block_rows", [7, None])  # 3 * 13 tokens * 4 slots = 156 assignments: many runs, one run
-def test_grouped_matches_loop_when_split_into_many_blocks(block_rows):
+def test_grouped_matches_loop_when_split_into_many_blocks(block_rows, dtype):
     cfg = tiny_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
-    loop, grouped = moe_pair(cfg)
+    loop, grouped = moe_pair(cfg, dtype)
     grouped.experts.block_rows = block_rows
-    x = torch.randn(3, 13, cfg.hidden_size)
+    x = torch.randn(3, 13, cfg.hidden_size, dtype=dtype)
     with torch.no_grad():  # inference cuts the runs; training takes one run of all experts (next test)
         assert rel_err(grouped(x), loop(x)) < 1e-5
     check_forward_and_backward(loop, grouped, x, 1e-5)
