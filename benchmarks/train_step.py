@@ -20,7 +20,8 @@ zero_grad + forward + backward + optimizer step):
   GEMMs (forward, Dgrad, Wgrad) as single float64 products, as the exact emulation must (a 128-term sum
   of E4M3 products needs float64 to be exact), with no quantization and no per-block split.
 
-Each round runs every contender once (A, B, C, D, A, ...), after one warm-up step each; medians are
+Each round runs every contender once, after one warm-up step each, the order rotating by one a round
+(A B C D, B C D A, ...: no contender always runs after the same one); medians are
 reported with the range. Ratios above 1 mean dsv3ref is faster than its peer. The MTP's share of the
 work is counted as multiply-adds (dsv3ref.params: forward multiply-adds of the main model and of the
 MTP module per token); its time share is (main + MTP - main) / main.
@@ -139,8 +140,10 @@ def main() -> None:
     for name, (m, fn) in contenders.items():  # warm-up
         step(m, optimizers[name], fn, ids)
     times = {name: [] for name in contenders}
-    for _ in range(args.repeats):
-        for name, (m, fn) in contenders.items():
+    names = list(contenders)
+    for r in range(args.repeats):  # each round starts one contender later, so that none always follows the same
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            m, fn = contenders[name]
             times[name].append(step(m, optimizers[name], fn, ids))
     med = {name: statistics.median(t) for name, t in times.items()}
     share = mtp_share(cfg, args.seq + 1)

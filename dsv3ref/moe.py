@@ -69,12 +69,25 @@ class LoopExperts(nn.ModuleList):
 
     @torch.compiler.disable  # sizes that depend on the routing: always eager, between compiled parts
     def loop(self, tokens: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """One expert at a time, on the tokens routed to it (see `forward`)."""
+        """One expert at a time, on the tokens routed to it (see `forward`).
+
+        The (token, slot) assignments are sorted by expert (stably: tokens in order within an expert) and
+        the routed rows gathered once; expert e runs on its slice of them and adds g * output to its
+        tokens' outputs, expert after expert, as DeepSeek's loop does (in bf16 each add rounds). (One
+        gather for all experts, not one per expert: in training each gather's backward fills a zero
+        gradient of all n tokens.)
+        """
+        n, k = ids.shape
+        order = torch.argsort(ids.reshape(-1), stable=True)  # (n k,) assignments grouped by expert
+        counts = torch.bincount(ids.reshape(-1), minlength=len(self)).tolist()  # assignments per expert
+        # Expert e's part of each, by one split (its backward joins the parts once; slicing per expert would
+        # give each slice's backward a zero gradient of the whole).
+        token = order // k  # the token of each assignment
+        token_idx = token.split(counts)  # the tokens
+        rows = tokens[token].split(counts)  # their rows, gathered once
+        gates = weights.reshape(-1)[order, None].to(tokens.dtype).split(counts)  # their gate values (m, 1)
         out = torch.zeros_like(tokens)
-        for e, expert in enumerate(self):
-            token_idx, slot = torch.where(ids == e)  # the tokens that chose expert e, and in which slot
-            if token_idx.numel() == 0:
-                continue
-            gate = weights[token_idx, slot, None].to(tokens.dtype)  # (m, 1)
-            out.index_add_(0, token_idx, expert(tokens[token_idx]) * gate)
+        for expert, idx, x, gate in zip(self, token_idx, rows, gates, strict=True):
+            if len(idx):
+                out.index_add_(0, idx, expert(x) * gate)
         return out
