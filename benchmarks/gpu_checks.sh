@@ -24,7 +24,10 @@
 #    the GPUs' count against one process (float64);
 # 9. the kernel oracle's sweep (python -m dsv3ref.kernels.check) on CUDA: the reference itself, torch's
 #    blockwise scaled_mm as DeepGEMM's fp8_gemm_nt, FlashMLA-style decoding from sgl-kernel where installed;
-# 10. training across processes on NCCL (pp = the GPU count, DualPipeV) against one process on the same GPU.
+# 10. training across processes on NCCL (pp = the GPU count, DualPipeV) against one process on the same GPU;
+# 11. a training step on the GPU (benchmarks/train_step.py --device cuda): against HF's, the MTP's share, and
+#     the exact FP8 emulation against the float32 step and its float64-GEMM floor (float64 GEMMs cost
+#     about what float32 ones do on an H200, unlike a CPU's).
 set -uo pipefail
 out=${1:-.}
 mkdir -p "$out"
@@ -156,12 +159,17 @@ python3 -m dsv3ref $args --out-dir "$ckpt/train_one" 2>/dev/null | tail -1 | tee
 python3 -m torch.distributed.run --nproc-per-node "$gpus" -m dsv3ref $args --pp "$gpus" --schedule dualpipev \
   --out-dir "$ckpt/train_pp" 2>&1 | tail -1 | tee -a "$out/train_distributed.txt"
 }
+step_11() {
+python3 benchmarks/train_step.py --device cuda --repeats 7 2>&1 | tee "$out/train_step.txt"
+python3 benchmarks/train_step.py --device cuda --preset small --batch 4 --seq 128 --repeats 5 2>&1 \
+  | tee -a "$out/train_step.txt"
+}
 
 # seconds each step may take at most (a step over it is stopped: rc 124)
-declare -A LIMIT=([1]=90 [2]=60 [3]=90 [4]=180 [5]=60 [6]=90 [7]=240 [8]=300 [9]=120 [10]=120)
-export -f step_1 step_2 step_3 step_4 step_5 step_6 step_7 step_8 step_9 step_10
+declare -A LIMIT=([1]=90 [2]=60 [3]=90 [4]=180 [5]=60 [6]=90 [7]=240 [8]=300 [9]=120 [10]=120 [11]=150)
+export -f step_1 step_2 step_3 step_4 step_5 step_6 step_7 step_8 step_9 step_10 step_11
 deadline=${BUDGET_S:-3600}  # seconds from the script's start (SECONDS), the set-up above included
-for s in ${STEPS:-1 2 3 4 5 6 7 8 9 10}; do
+for s in ${STEPS:-1 2 3 4 5 6 7 8 9 10 11}; do
   limit=${LIMIT[$s]}
   left=$((deadline - SECONDS))
   ((left < limit)) && limit=$left

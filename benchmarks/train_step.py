@@ -3,6 +3,7 @@ extra time against its share of the work, and the FP8 step against the float32 o
 
     python benchmarks/train_step.py                       # the training loop's model, 16 x 128 bytes
     python benchmarks/train_step.py --preset small --batch 4 --seq 128
+    python benchmarks/train_step.py --device cuda        # on a GPU
 
 Contenders (same weights, same batch, float32, AdamW with foreach=False as the loop uses, one step =
 zero_grad + forward + backward + optimizer step):
@@ -20,11 +21,13 @@ zero_grad + forward + backward + optimizer step):
   GEMMs (forward, Dgrad, Wgrad) as single float64 products, as the exact emulation must (a 128-term sum
   of E4M3 products needs float64 to be exact), with no quantization and no per-block split.
 
-Each round runs every contender once, after one warm-up step each, the order rotating by one a round
-(A B C D, B C D A, ...: no contender always runs after the same one); medians are
-reported with the range. Ratios above 1 mean dsv3ref is faster than its peer. The MTP's share of the
-work is counted as multiply-adds (dsv3ref.params: forward multiply-adds of the main model and of the
-MTP module per token); its time share is (main + MTP - main) / main.
+Each round runs every contender for --steps consecutive steps, as a training loop runs its model, and
+counts all but the first (the first after another contender's step pays for the memory that step left
+behind: freed and fresh pages), the order rotating by one a round (A B C D, B C D A, ...: no contender
+always follows the same one); one warm-up step each before the first round. Medians of the counted
+steps are reported with the range. Ratios above 1 mean dsv3ref is faster than its peer. The MTP's
+share of the work is counted as multiply-adds (dsv3ref.params: forward multiply-adds of the main model
+and of the MTP module per token); its time share is (main + MTP - main) / main.
 """
 
 from __future__ import annotations
@@ -75,10 +78,13 @@ def hf_main(model, ids):
 
 
 def step(model, optimizer, loss_fn, ids) -> float:
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)  # a GPU's queued work, waited for
+    sync()
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     loss_fn(model, ids).backward()
     optimizer.step()
+    sync()
     return time.perf_counter() - start
 
 
@@ -100,9 +106,13 @@ def main() -> None:
                                                           "preset ('tiny', 'small')")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds")
+    parser.add_argument("--steps", type=int, default=3, help="consecutive steps of a contender per round, the first "
+                                                             "not counted")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-fp8", action="store_true")
+    parser.add_argument("--device", default="cpu", help="where every contender runs ('cuda': a GPU, float32 "
+                                                        "GEMMs without TF32, torch's default)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = small_config() if args.preset == "train" else dsv3ref.ModelConfig.preset(args.preset).replace(
@@ -112,10 +122,10 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # its load report lists the MTP tensors it does not model
-    print(f"machine: {machine()}")
+    print(f"machine: {machine(args.device)}")
     print(f"config: {args.preset}; hidden {cfg.hidden_size}, layers {cfg.num_hidden_layers}, experts "
           f"{cfg.n_routed_experts} (top-{cfg.num_experts_per_tok}), MTP depth {cfg.num_nextn_predict_layers}; "
-          f"batch {args.batch} x {args.seq + 1} tokens, float32")
+          f"batch {args.batch} x {args.seq + 1} tokens, float32 on {args.device}")
     torch.manual_seed(0)
     model = dsv3ref.DeepseekV3(cfg).train()
     with tempfile.TemporaryDirectory() as folder:
@@ -135,8 +145,11 @@ def main() -> None:
         floor.load_state_dict(model.state_dict())
         replace_fp8_layers(floor, float64_layers)
         contenders["float64 GEMMs main + MTP"] = (floor, dsv3ref_full)
+    for m, _ in contenders.values():
+        m.to(args.device)
     optimizers = {name: adamw(m) for name, (m, _) in contenders.items()}
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1),
+                        generator=torch.Generator().manual_seed(0)).to(args.device)
     for name, (m, fn) in contenders.items():  # warm-up
         step(m, optimizers[name], fn, ids)
     times = {name: [] for name in contenders}
@@ -144,7 +157,8 @@ def main() -> None:
     for r in range(args.repeats):  # each round starts one contender later, so that none always follows the same
         for name in names[r % len(names):] + names[:r % len(names)]:
             m, fn = contenders[name]
-            times[name].append(step(m, optimizers[name], fn, ids))
+            steps = [step(m, optimizers[name], fn, ids) for _ in range(args.steps)]
+            times[name] += steps[1:] if len(steps) > 1 else steps
     med = {name: statistics.median(t) for name, t in times.items()}
     share = mtp_share(cfg, args.seq + 1)
     for name, t in times.items():
