@@ -75,7 +75,7 @@ class LoopExperts(nn.ModuleList):
         the routed rows gathered once; expert e runs on its slice of them and adds g * output to its
         tokens' outputs, expert after expert, as DeepSeek's loop does (in bf16 each add rounds). (One
         gather for all experts, not one per expert: in training each gather's backward fills a zero
-        gradient of all n tokens.)
+        gradient of all n tokens. It holds all n k routed rows at once, as the grouped path does.)
         """
         n, k = ids.shape
         order = torch.argsort(ids.reshape(-1), stable=True)  # (n k,) assignments grouped by expert
