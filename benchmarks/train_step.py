@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from common import machine
 
 import dsv3ref
+from dsv3ref.argtypes import integer
 from dsv3ref.fp8 import replace_fp8_layers
 from dsv3ref.train.fp8 import fp8_training_layers
 from dsv3ref.train.loop import small_config
@@ -107,8 +108,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="rounds")
-    parser.add_argument("--steps", type=int, default=3, help="consecutive steps of a contender per round, the first "
-                                                             "not counted")
+    parser.add_argument("--steps", type=integer(1), default=3,
+                        help="consecutive steps of a contender per round, the first not counted (with 1, it is)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-fp8", action="store_true")
     parser.add_argument("--device", default="cpu", help="where every contender runs ('cuda': a GPU, float32 "
