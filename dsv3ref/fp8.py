@@ -69,9 +69,12 @@ def decode_e4m3(q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Te
     (benchmarks: the FP8 emulation's GEMMs and the fp8-to-bf16 conversion spend that time)."""
     if q.device.type != "cpu":
         return q.to(dtype)
-    if dtype not in _E4M3_VALUES:
-        _E4M3_VALUES[dtype] = torch.arange(256, dtype=torch.uint8).view(E4M3).to(dtype)  # (256,): every byte's value
-    return _E4M3_VALUES[dtype].index_select(0, q.view(torch.uint8).flatten().int()).view(q.shape)  # int32: less to move
+    table = _E4M3_VALUES.get(dtype)
+    if table is None:
+        table = torch.arange(256, dtype=torch.uint8).view(E4M3).to(dtype)  # (256,): every byte's value
+        if type(table) is torch.Tensor:  # kept unless made under fake tensors (a simulation), which hold no values
+            _E4M3_VALUES[dtype] = table
+    return table.index_select(0, q.view(torch.uint8).flatten().int()).view(q.shape)  # int32: less to move
 
 
 _E4M3_VALUES: dict[torch.dtype, torch.Tensor] = {}  # decode_e4m3's tables, made once per dtype
@@ -315,23 +318,36 @@ def _pad_fp8(q: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return padded.view(q.dtype)
 
 
+def blockwise_weight(w_q: torch.Tensor, w_scale_inv: torch.Tensor, block: int = BLOCK
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight's side of `blockwise_operands`: B = w.T (K, N) column-major, K zero-padded to whole
+    blocks and N to a multiple of 16, and scale_b (L4, Nb) K-major. It depends on the weight alone, so
+    FP8Linear builds it once. Views of the weight and its scales where nothing is padded (K a multiple of
+    512 and N of 16: most of the release's FP8 weights, whole or split over 8 GPUs); padded copies otherwise."""
+    n, k = w_q.shape
+    kb = -(-k // block)
+    scale_b = w_scale_inv.contiguous() if kb % 4 == 0 else F.pad(w_scale_inv, (0, (-kb) % 4))  # (Nb, L4)
+    return _pad_fp8(w_q, n + (-n) % 16, kb * block).t(), scale_b.t()
+
+
 def blockwise_operands(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale_inv: torch.Tensor,
-                       block: int = BLOCK) -> dict:
+                       block: int = BLOCK, weight: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """The arguments of one `scaled_mm` call in the layout cuBLAS's block scaling expects.
 
     K is zero-padded to whole blocks and M, N to multiples of 16 (cuBLAS's FP8 alignment); A is
     x (M, K) row-major, B is w.T (K, N) column-major; scale_a is x_scale (M, Kb) stored M-major
     (stride (1, M)); scale_b is w_scale_inv with Kb padded to L4 = a multiple of 4, seen as (L4, Nb)
-    K-major (stride (1, L4)). Scales are dequantization factors, as in the checkpoint.
+    K-major (stride (1, L4)). Scales are dequantization factors, as in the checkpoint. weight: the
+    weight's `blockwise_weight`, if the caller keeps it (built here otherwise).
     """
-    m, k = x_q.shape
-    n, kb = w_q.shape[0], x_scale.shape[1]
-    mp, np_ = m + (-m) % 16, n + (-n) % 16
-    scale_a = F.pad(x_scale, (0, 0, 0, mp - m), value=1.0)  # (Mp, Kb)
-    scale_b = F.pad(w_scale_inv, (0, (-kb) % 4))  # (Nb, L4)
-    return dict(mat_a=_pad_fp8(x_q, mp, kb * block), mat_b=_pad_fp8(w_q, np_, kb * block).t(),
-                scale_a=scale_a.t().contiguous().t(), scale_recipe_a=F.ScalingType.BlockWise1x128,
-                scale_b=scale_b.t(), scale_recipe_b=F.ScalingType.BlockWise128x128,
+    m = x_q.shape[0]
+    kb, mp = x_scale.shape[1], m + (-m) % 16
+    mat_b, scale_b = weight if weight is not None else blockwise_weight(w_q, w_scale_inv, block)
+    # x_scale written M-major in one copy: transposed, padded with ones past M where M is not a multiple of 16
+    scale_a = F.pad(x_scale.t(), (0, mp - m), value=1.0) if mp != m else x_scale.t().contiguous()  # (Kb, Mp)
+    return dict(mat_a=_pad_fp8(x_q, mp, kb * block), mat_b=mat_b,
+                scale_a=scale_a.t(), scale_recipe_a=F.ScalingType.BlockWise1x128,
+                scale_b=scale_b, scale_recipe_b=F.ScalingType.BlockWise128x128,
                 output_dtype=torch.float32)
 
 
@@ -353,20 +369,20 @@ def _packed(t: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_matmul_scaled_mm(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale_inv: torch.Tensor,
-                         block: int = BLOCK, w_rowwise: tuple[torch.Tensor, torch.Tensor] | None = None
-                         ) -> torch.Tensor:
+                         block: int = BLOCK, w_rowwise: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         w_blockwise: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`fp8_matmul` (same arguments, same (M, N) float32 result) through torch's `scaled_mm`.
 
     See `scaled_mm_recipe` for how it runs on each device. The per-K-block ("rowwise") form computes
     exactly the emulation's formula: a float32 block product scaled by x_scale[m, b] and
-    w_scale_inv[n // 128, b], blocks accumulated in float32 in order. w_rowwise: the weight's
-    `rowwise_weight`, if the caller keeps it (built here otherwise).
+    w_scale_inv[n // 128, b], blocks accumulated in float32 in order. w_rowwise, w_blockwise: the
+    weight's `rowwise_weight` or `blockwise_weight`, if the caller keeps it (built here otherwise).
     """
     recipe = scaled_mm_recipe(x_q.device)
     m, k = x_q.shape
     n, kb = w_q.shape[0], x_scale.shape[1]
     if recipe == "blockwise":
-        return F.scaled_mm(**blockwise_operands(x_q, x_scale, w_q, w_scale_inv, block))[:m, :n]
+        return F.scaled_mm(**blockwise_operands(x_q, x_scale, w_q, w_scale_inv, block, w_blockwise))[:m, :n]
     if recipe is None:
         raise ValueError(f"fp8_matmul_scaled_mm: torch {torch.__version__} has no block-scaled scaled_mm on "
                          f"{x_q.device} (needs a torch build with scaled_mm's CPU kernel, or an SM90 GPU with "
@@ -437,10 +453,14 @@ class FP8Linear(nn.Module):
         if current().fp8_gemm is not None:
             return self.swapped_gemm(current().fp8_gemm, x_q, x_scale, x.dtype).reshape(*x.shape[:-1], -1)
         if self.kernel == "scaled_mm":
-            w_rowwise = None
-            if scaled_mm_recipe(x.device) == "rowwise":
-                w_rowwise = self._from_weight("rowwise", lambda: rowwise_weight(self.weight, self.weight_scale_inv))
-            y = fp8_matmul_scaled_mm(x_q, x_scale, self.weight, self.weight_scale_inv, w_rowwise=w_rowwise)
+            recipe, operands = scaled_mm_recipe(x.device), {}  # the weight's side, built once
+            if recipe == "rowwise":
+                operands["w_rowwise"] = self._from_weight(
+                    "rowwise", lambda: rowwise_weight(self.weight, self.weight_scale_inv))
+            elif recipe == "blockwise":
+                operands["w_blockwise"] = self._from_weight(
+                    "blockwise", lambda: blockwise_weight(self.weight, self.weight_scale_inv))
+            y = fp8_matmul_scaled_mm(x_q, x_scale, self.weight, self.weight_scale_inv, **operands)
         else:
             # (tokens, out): float32 accumulation, as DeepSeek's kernels; float64 for a float64 model
             y = fp8_matmul(x_q, x_scale, self.weight, self.weight_scale_inv,

@@ -14,9 +14,11 @@ import torch
 from helpers import needs_cpu_scaled_mm, random_dsv3ref, rel_err, tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 import dsv3ref
 from dsv3ref import CheckpointError, DeepseekV3, trace
+from dsv3ref import fp8 as fp8_module
 from dsv3ref.convert import convert
 from dsv3ref.convert import main as convert_main
 from dsv3ref.fp8 import (
@@ -208,14 +210,25 @@ def test_blockwise_operands_have_cublas_layout_and_mean_the_block_scaled_gemm(m,
     K-major, L4 = K/128 rounded up to a multiple of 4."""
     xq, xs, wq, ws = _quantized_operands(m, k, n)
     ops = blockwise_operands(xq, xs, wq, ws)
-    a, b, sa, sb = ops["mat_a"], ops["mat_b"], ops["scale_a"], ops["scale_b"]
-    mp, kp = a.shape
-    np_ = b.shape[1]
-    kb = math.ceil(k / 128)
-    assert kp == 128 * kb and mp % 16 == 0 and np_ % 16 == 0 and b.shape[0] == kp
+    assert ops["mat_a"].shape[1] == 128 * math.ceil(k / 128) and ops["scale_b"].shape[1] == math.ceil(n / 128)
+    out = _cublas_blockwise(**ops)
+    assert out.shape[0] % 16 == 0 and out.shape[1] % 16 == 0
+    assert rel_err(out[:m, :n], fp8_matmul(xq, xs, wq, ws)) < 1e-6
+    assert (out[m:] == 0).all() and (out[:, n:] == 0).all()  # padding adds nothing
+
+
+def _cublas_blockwise(mat_a, mat_b, scale_a, scale_recipe_a, scale_b, scale_recipe_b, output_dtype):
+    """One blockwise `scaled_mm` call's arguments checked against cuBLAS's layout and read that way:
+    the block formula in float64 (each block's products summed exactly), (Mp, Np) float32."""
+    assert (scale_recipe_a, scale_recipe_b, output_dtype) == (torch.nn.functional.ScalingType.BlockWise1x128,
+                                                             torch.nn.functional.ScalingType.BlockWise128x128,
+                                                             torch.float32)
+    a, b, sa, sb = mat_a, mat_b, scale_a, scale_b
+    (mp, kp), np_, kb = a.shape, b.shape[1], a.shape[1] // 128
+    assert kp % 128 == 0 and mp % 16 == 0 and np_ % 16 == 0 and b.shape[0] == kp
     assert a.stride() == (kp, 1) and b.stride() == (1, kp)
     assert sa.shape == (mp, kb) and sa.stride()[0] == 1 and (kb == 1 or sa.stride()[1] == mp)
-    assert sb.shape[0] % 4 == 0 and sb.shape[0] >= kb and sb.shape[1] == math.ceil(n / 128)
+    assert sb.shape[0] % 4 == 0 and sb.shape[0] >= kb and sb.shape[1] == math.ceil(np_ / 128)
     assert sb.stride() == (1, sb.shape[0])
     out = torch.zeros(mp, np_, dtype=torch.float64)
     for blk in range(kb):
@@ -223,8 +236,36 @@ def test_blockwise_operands_have_cublas_layout_and_mean_the_block_scaled_gemm(m,
         partial = a[:, cols].double() @ b[cols, :].double()  # (Mp, Np), exact
         col_scale = sb[blk].double().repeat_interleave(128)[:np_]  # scale_b[blk, j // 128]
         out += partial * sa[:, blk, None].double() * col_scale[None, :]
-    assert rel_err(out[:m, :n], fp8_matmul(xq, xs, wq, ws)) < 1e-6
-    assert (out[m:] == 0).all() and (out[:, n:] == 0).all()  # padding adds nothing
+    return out.float()
+
+
+@pytest.mark.parametrize("m", [4, 32])  # M padded to 16 rows, and M already a multiple of 16
+def test_blockwise_linear_lays_out_its_weight_once_and_notices_new_weights(m, monkeypatch):
+    """An FP8Linear where torch's blockwise scaled_mm runs (an H100/H200; here `scaled_mm_recipe` answers
+    so and the call is read as cuBLAS reads it): its product is the emulation's, and the weight's side of
+    the call (B and its scales, laid out) is built once and handed over again, not rebuilt per call."""
+    calls = []
+
+    def scaled_mm(**ops):
+        calls.append((ops["mat_b"], ops["scale_b"]))
+        return _cublas_blockwise(**ops)
+
+    monkeypatch.setattr(fp8_module, "scaled_mm_recipe", lambda device: "blockwise")
+    monkeypatch.setattr(torch.nn.functional, "scaled_mm", scaled_mm)
+    layer = FP8Linear(300, 130, kernel="scaled_mm")
+    q, s = quantize_weight(torch.randn(130, 300) * 0.05)
+    with torch.no_grad():
+        layer.weight.copy_(q)
+        layer.weight_scale_inv.copy_(s)
+    x = torch.randn(m, 300)
+    xq, xs = quantize_activation(x)
+    assert rel_err(layer(x), fp8_matmul(xq, xs, q, s)) < 1e-6
+    layer(x)
+    assert calls[1][0] is calls[0][0] and calls[1][1] is calls[0][1]  # built once, not at every call
+    with torch.no_grad():
+        layer.weight_scale_inv.mul_(2)
+    assert rel_err(layer(x), fp8_matmul(xq, xs, q, 2 * s)) < 1e-6  # new scales are seen
+    assert calls[2][1] is not calls[0][1]
 
 
 @needs_hopper
@@ -671,3 +712,21 @@ def test_decode_e4m3_gives_what_torch_converts_for_every_byte(dtype):
         got, want = decode_e4m3(q, dtype), q.to(dtype)
         assert got.shape == want.shape and torch.equal(got.isnan(), want.isnan())
         assert torch.equal(got[~got.isnan()], want[~want.isnan()])
+
+
+def test_decoding_under_fake_tensors_leaves_the_real_table_alone():
+    """A simulation (dsv3ref.parallel.simulation: fake tensors) decodes E4M3 too; the table it makes holds
+    no values, so it is not the one kept for later calls in the same process (which would then compute
+    on fake tensors: seen when the full-size simulation ran before the FP8 tests)."""
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    kept = dict(fp8_module._E4M3_VALUES)
+    fp8_module._E4M3_VALUES.clear()
+    try:
+        with FakeTensorMode():
+            fake = decode_e4m3(torch.zeros(4, 4, dtype=torch.uint8).view(torch.float8_e4m3fn), torch.float64)
+        assert isinstance(fake, FakeTensor) and fake.shape == (4, 4)
+        got, want = decode_e4m3(every, torch.float64), every.to(torch.float64)
+        assert type(got) is torch.Tensor and torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+    finally:
+        fp8_module._E4M3_VALUES.clear()
+        fp8_module._E4M3_VALUES.update(kept)
