@@ -13,6 +13,11 @@ zero_grad + forward + backward + optimizer step):
   loop's model: moe_impl "loop", each expert its own three linear layers);
 - "dsv3ref main, grouped": the same with moe_impl "grouped" (stacked experts, one grouped GEMM per
   projection: the layout HF's experts have, and HF's default grouped_mm computation);
+- "dsv3ref main, absorb": the training loop's model with attn_impl "absorb" (`--attn-impl absorb` of
+  `dsv3ref train`): a training chunk has as many queries as keys, so it takes the expanded order,
+  torch's fused attention kernel forward and backward, told the mask is causal (HF's sdpa runs its
+  math fallback here: MLA's values are narrower than its keys);
+- "dsv3ref main, absorb + grouped": both choices (`--attn-impl absorb --moe-impl grouped`);
 - "dsv3ref main + MTP": `model.loss(ids)`, what the training loop runs (the MTP module adds one block
   and one more pass through the shared head per depth);
 - "dsv3ref FP8 main + MTP": the same with every FP8-eligible layer trained through the exact FP8
@@ -59,6 +64,20 @@ def float64_layers(layer: torch.nn.Linear) -> Float64Linear:
     out = Float64Linear(layer.in_features, layer.out_features, bias=False)
     out.weight = layer.weight
     return out
+
+
+VARIANTS = {"grouped": dict(moe_impl="grouped"), "absorb": dict(attn_impl="absorb"),
+            "absorb + grouped": dict(attn_impl="absorb", moe_impl="grouped")}
+"""The training loop's model with other implementation choices (dsv3ref.impl), the same weights."""
+
+
+def variant_list(text: str) -> list[str]:
+    """argparse type of --variants: names of VARIANTS, comma-separated (none: an empty string)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; expected some of {list(VARIANTS)}")
+    return names
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
@@ -112,6 +131,9 @@ def main() -> None:
                         help="consecutive steps of a contender per round, the first not counted (with 1, it is)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-fp8", action="store_true")
+    parser.add_argument("--variants", type=variant_list, default=list(VARIANTS),
+                        help=f"comma-separated, of {', '.join(VARIANTS)} (default: all; each is one more model "
+                             "in memory: `small` holds about 5 GB a model with its optimizer)")
     parser.add_argument("--device", default="cpu", help="where every contender runs ('cuda': a GPU, float32 "
                                                         "GEMMs without TF32, torch's default)")
     args = parser.parse_args()
@@ -132,10 +154,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         dsv3ref.save_pretrained(model, folder)
         hf = DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
-        grouped = dsv3ref.DeepseekV3.from_pretrained(folder, moe_impl="grouped", dtype=torch.float32,
-                                                     mmap=False).train()
-    contenders = {"HF main loss": (hf, hf_main), "dsv3ref main loss": (model, dsv3ref_main),
-                  "dsv3ref main, grouped": (grouped, dsv3ref_main), "dsv3ref main + MTP": (model, dsv3ref_full)}
+        variants = {f"dsv3ref main, {name}": dsv3ref.DeepseekV3.from_pretrained(
+            folder, dtype=torch.float32, mmap=False, **VARIANTS[name]).train() for name in args.variants}
+    contenders = {"HF main loss": (hf, hf_main), "dsv3ref main loss": (model, dsv3ref_main)}
+    contenders.update({name: (m, dsv3ref_main) for name, m in variants.items()})
+    contenders["dsv3ref main + MTP"] = (model, dsv3ref_full)
     if not args.no_fp8:
         torch.manual_seed(0)
         fp8 = dsv3ref.DeepseekV3(cfg).train()
@@ -164,7 +187,7 @@ def main() -> None:
     share = mtp_share(cfg, args.seq + 1)
     for name, t in times.items():
         ratio = ""
-        if name in ("dsv3ref main loss", "dsv3ref main, grouped"):
+        if name == "dsv3ref main loss" or name in variants:
             ratio = f"{med['HF main loss'] / med[name]:.2f}x HF's speed on the same work"
         elif name == "dsv3ref main + MTP":
             extra = med[name] / med["dsv3ref main loss"] - 1
@@ -174,7 +197,7 @@ def main() -> None:
                      f"{med[name] / med['float64 GEMMs main + MTP']:.2f}x its floor")
         elif name.startswith("float64"):
             ratio = f"{med[name] / med['dsv3ref main + MTP']:.2f}x the float32 step's time"
-        print(f"{name:24s} median {med[name] * 1e3:8.1f} ms (min {min(t) * 1e3:7.1f}, max {max(t) * 1e3:7.1f})  "
+        print(f"{name:32s} median {med[name] * 1e3:8.1f} ms (min {min(t) * 1e3:7.1f}, max {max(t) * 1e3:7.1f})  "
               f"{ratio}", flush=True)
 
 

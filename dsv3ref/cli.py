@@ -443,7 +443,7 @@ def train_cmd(args: argparse.Namespace) -> int:
                       lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup, mtp_lambda=args.mtp_lambda,
                       mtp_lambda_late=args.mtp_lambda_late, device=args.device,
                       balance=args.balance, gamma=args.gamma, gamma_late=args.gamma_late, seq_alpha=args.seq_alpha,
-                      fp8=args.fp8, dtype=args.dtype,
+                      fp8=args.fp8, dtype=args.dtype, attn_impl=args.attn_impl,
                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
     if launched_by_torchrun():
         return _train_across_processes(args, cfg)
@@ -615,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "longer); the resumed run then no longer equals the uninterrupted one")
     p.add_argument("--dtype", choices=list(TRAIN_DTYPES), default="float32",
                    help="weights and activations (float64: the oracle the distributed trainer is tested against)")
+    p.add_argument("--attn-impl", choices=list(CHOICES["attn_impl"]), default="naive",
+                   help="attention: naive (readable) or absorb (torch's fused attention kernel for training "
+                        "chunks: the same gradients to float rounding, a faster step; single process only)")
     across = p.add_argument_group("across processes (under torchrun; the report's section 3.2)")
     across.add_argument("--pp", type=_positive, default=1, help="pipeline ranks")
     across.add_argument("--ep", type=_positive, default=1,

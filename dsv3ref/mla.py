@@ -94,6 +94,29 @@ def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return entry[2]
 
 
+_CAUSAL = WeakIdKeyDictionary()  # mask -> (its version, whether it is the plain causal mask), by identity
+
+
+def _plainly_causal(mask: torch.Tensor) -> bool:
+    """Whether mask (b, t, s) is the causal mask of a chunk without a cache (t == s, query i sees keys
+    0..i in every row): then torch's fused attention may skip the masked blocks instead of reading the
+    mask. Checked once per mask (the model passes one mask to every layer). Only on a CPU, where the
+    two calls were measured and give the same bits (on a GPU the check would wait for the device); a
+    mask without values (fake or meta tensors: a simulation) or one seen while torch.compile traces is
+    taken as it is."""
+    if type(mask) is not torch.Tensor or mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    t, s = mask.shape[-2:]
+    if t != s:
+        return False
+    version = None if mask.is_inference() else mask._version  # (an inference tensor keeps no version: checked
+    entry = _CAUSAL.get(mask)                                   # at every call, a pass over t x t booleans)
+    if entry is None or entry[0] is None or entry[0] != version:
+        causal = torch.equal(mask, torch.ones(t, s, dtype=torch.bool, device=mask.device).tril().expand_as(mask))
+        entry = _CAUSAL[mask] = (version, causal)
+    return entry[1]
+
+
 class MLA(nn.Module):
     """Multi-head latent attention over one sequence chunk, with the checkpoint's projection names."""
 
@@ -258,9 +281,11 @@ class MLA(nn.Module):
         # output, which are cut off again.
         if dv < q.shape[-1]:
             v = F.pad(v, (0, q.shape[-1] - dv))
+        causal = _plainly_causal(mask)  # (the same numbers: a masked key adds exp(-inf) = 0 either way)
         out = F.scaled_dot_product_attention(
             rearrange(q, "b t h d -> b h t d"), rearrange(k, "b s h d -> b h s d"), rearrange(v, "b s h d -> b h s d"),
-            attn_mask=rearrange(mask, "b t s -> b 1 t s"), scale=self.softmax_scale)
+            attn_mask=None if causal else rearrange(mask, "b t s -> b 1 t s"), is_causal=causal,
+            scale=self.softmax_scale)
         return rearrange(out[..., :dv], "b h t d -> b t (h d)")
 
     def attend_absorbed(self, q_nope, q_rope, c_kv, k_rope, mask) -> torch.Tensor:

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
     "train_step": (["--preset", "tiny", "--batch", "2", "--seq", "8", "--repeats", "1"],
                    [r"dsv3ref main loss .* HF's speed on the same work", r"dsv3ref main, grouped .* HF's speed",
+                    r"dsv3ref main, absorb .* HF's speed", r"dsv3ref main, absorb \+ grouped .* HF's speed",
                     r"MTP adds .* its share", r"dsv3ref FP8 main \+ MTP .* the float32 step's time, .* its floor",
                     r"float64 GEMMs main \+ MTP .* the float32 step's time"]),
     "full_width": (["--device", "cpu", "--preset", "small", "--layers", "2", "--batch", "1", "--seq-len", "24",

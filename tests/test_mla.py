@@ -153,3 +153,110 @@ def test_training_softmax_equals_masked_fill_bit_for_bit_forward_and_backward(dt
         assert torch.equal(again, mla._softmax(scores, mask, dtype)) and not torch.equal(again, first)
     wide = mla._softmax(scores.double().requires_grad_(), mask, torch.float64)
     assert wide.dtype == torch.float64 and torch.allclose(wide, again.double(), atol=1e-2)
+
+
+def _gradients(model: DeepseekV3) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient, the loop experts' stacked as the grouped layout holds them
+    (`experts.gate_up_proj` (e, 2 inter, dim), `experts.down_proj` (e, dim, inter))."""
+    grads, experts = {}, {}
+    for name, p in model.named_parameters():
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)  # (an expert no token chose)
+        prefix, sep, rest = name.partition(".experts.")
+        number, _, proj = rest.partition(".")
+        if sep and number.isdigit():  # a loop expert: experts.{e}.{gate,up,down}_proj.weight
+            experts.setdefault(prefix, {}).setdefault(int(number), {})[proj] = grad
+        else:
+            grads[name] = grad
+    for prefix, by_number in experts.items():
+        order = [by_number[e] for e in sorted(by_number)]
+        grads[f"{prefix}.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([g["gate_proj.weight"], g["up_proj.weight"]]) for g in order])
+        grads[f"{prefix}.experts.down_proj"] = torch.stack([g["down_proj.weight"] for g in order])
+    return grads
+
+
+def _trained_once(cfg, dtype: torch.dtype, ids: torch.Tensor, **impl) -> tuple[torch.Tensor, dict]:
+    """The training loss (main + MTP, as the training loop takes it) of the seeded random model built
+    with `impl`, and every parameter's gradient after its backward."""
+    model = DeepseekV3(cfg, **impl)
+    model.load_state_dict(random_dsv3ref(cfg, seed=21).state_dict())
+    model = model.to(dtype).train()
+    loss = model.loss(ids)["loss"]
+    loss.backward()
+    return loss.detach(), _gradients(model)
+
+
+@pytest.mark.parametrize("impl", [dict(attn_impl="absorb", attn_order="expanded"),
+                                  dict(attn_impl="absorb", attn_order="absorbed"),
+                                  dict(attn_impl="absorb", moe_impl="grouped")])
+def test_training_through_absorb_gives_the_readable_gradients(impl):
+    """Training with attn_impl="absorb": the expanded order runs torch's fused attention kernel forward
+    and backward (values zero-padded to the keys' width), the absorbed order folds W^UK and W^UV
+    into the query and output; "auto" (what a training step with t = s takes) is the expanded order
+    at this size, here with the grouped experts as well (benchmarks/train_step.py's fastest step).
+    The loss (main + MTP) and every parameter's gradient must be the readable model's (naive
+    attention, loop experts): in float64 to a relative error of 1e-10 (the paths differ only in the
+    order of sums); in float32 each path's error against float64's readable gradients stays within
+    1e-4 of the largest gradient of its tensor (measured: 6e-6 expanded, 1e-5 absorbed, against 7e-6 for
+    the readable model in float32)."""
+    cfg = tiny_config(num_nextn_predict_layers=1)  # v_head_dim 10 < qk_head_dim 20: the padded values
+    ids = torch.randint(0, cfg.vocab_size, (3, 24), generator=torch.Generator().manual_seed(4))
+    reference, want = _trained_once(cfg, torch.float64, ids)
+    if impl.get("moe_impl") != "grouped":
+        model = DeepseekV3(cfg, **impl)
+        assert model.model.layers[0].self_attn._absorbed(23, 23, torch.float64) == (impl["attn_order"] == "absorbed")
+    loss, got = _trained_once(cfg, torch.float64, ids, **impl)
+    assert got.keys() == want.keys()
+    assert rel_err(loss, reference) < 1e-12
+    for name in want:
+        assert rel_err(got[name], want[name]) < 1e-10, name
+    loss, got = _trained_once(cfg, torch.float32, ids, **impl)
+    assert rel_err(loss, reference) < 1e-5
+    for name in want:
+        assert rel_err(got[name], want[name]) < 1e-4, name
+
+
+def test_fused_attention_skips_a_causal_mask_with_the_same_bits():
+    """attend_fused hands torch's kernel is_causal=True instead of the mask when the mask is the plain
+    causal one (a chunk without a cache): the same bits forward and backward on a CPU as with the
+    mask read (masked keys add exp(-inf) = 0 either way). Any other mask is read: a cached chunk's
+    (t < s), an arbitrary one, and the causal mask changed in place after it was first seen."""
+    from dsv3ref import mla as mla_module
+
+    cfg = tiny_config()
+    attn = MLA(cfg)
+    b, t, h = 2, 33, cfg.num_attention_heads
+    g = torch.Generator().manual_seed(8)
+    q, k = (torch.randn(b, t, h, cfg.qk_head_dim, generator=g) for _ in range(2))
+    v = torch.randn(b, t, h, cfg.v_head_dim, generator=g)
+    causal = torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t).clone()
+    assert mla_module._plainly_causal(causal)
+    assert not mla_module._plainly_causal(causal[:, 5:])  # a chunk after 5 cached keys: t < s
+    arbitrary = torch.rand(b, t, t, generator=g) < 0.5
+    arbitrary[..., 0] = True
+    assert not mla_module._plainly_causal(arbitrary)
+
+    def run(mask, read_mask: bool):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        if read_mask:  # the mask handed to the kernel, as any mask that is not plainly causal is
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(mla_module, "_plainly_causal", lambda m: False)
+                out = attn.attend_fused(*leaves, mask)
+        else:
+            out = attn.attend_fused(*leaves, mask)
+        out.backward(torch.ones_like(out))
+        return out, [x.grad for x in leaves]
+
+    out, grads = run(causal, read_mask=False)
+    want, want_grads = run(causal, read_mask=True)
+    assert torch.equal(out, want) and all(torch.equal(a, b) for a, b in zip(grads, want_grads, strict=True))
+    assert rel_err(out, attn.attend_naive(q, k, v, causal)) < 1e-5
+    causal[1, 20, 3] = False  # changed in place: read again, and now read by the kernel
+    assert not mla_module._plainly_causal(causal)
+    assert rel_err(attn.attend_fused(q, k, v, causal), attn.attend_naive(q, k, v, causal)) < 1e-5
+    with torch.inference_mode():  # (generate's mode: its tensors keep no version, so the check runs each call)
+        mask = torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t).clone()
+        assert mla_module._plainly_causal(mask)
+        assert torch.equal(attn.attend_fused(q, k, v, mask), want.detach())
+        mask[0, 3, 1] = False
+        assert not mla_module._plainly_causal(mask)

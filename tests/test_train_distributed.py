@@ -209,6 +209,8 @@ def test_unsupported_training_settings_are_refused_by_name():
 
     with pytest.raises(ValueError, match="balance='aux'.*fp8=True is not supported across processes"):
         DistributedRun(TrainConfig(balance="aux", fp8=True), Layout(), timedelta(seconds=1))
+    with pytest.raises(ValueError, match="attn_impl='absorb' is not supported across processes"):
+        DistributedRun(TrainConfig(attn_impl="absorb"), Layout(), timedelta(seconds=1))
 
 
 # ------------------------------------------------------------------------------------------------ timelines

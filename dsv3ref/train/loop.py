@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from dsv3ref.config import ModelConfig
+from dsv3ref.impl import check_choice
 from dsv3ref.model import DeepseekV3
 from dsv3ref.routing import DEFAULT_GAMMA, capture, routers, sequence_balance_loss, update_bias
 from dsv3ref.train.checkpoint import load_checkpoint, save_checkpoint, step_folder
@@ -98,6 +99,11 @@ class TrainConfig:
     dtype: str = "float32"
     """The weights' and activations' dtype: "float32", or "float64" (an oracle for other training code:
     the distributed trainer is checked against this loop in float64)."""
+    attn_impl: str = "naive"
+    """The attention's implementation (dsv3ref.impl): "naive", the readable one, or "absorb", which
+    trains a chunk of as many queries as keys through torch's fused attention kernel, forward and
+    backward (the same gradients to float rounding, tested; a faster step: benchmarks/train_step.py).
+    Not with fp8."""
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE:
@@ -128,6 +134,10 @@ class TrainConfig:
         except (RuntimeError, TypeError):
             raise ValueError(f"device: expected a device such as 'cpu', 'cuda' or 'cuda:1', found {self.device!r}"
                              ) from None
+        check_choice("attn_impl", self.attn_impl)
+        if self.fp8 and self.attn_impl != "naive":  # absorbed, kv_b_proj's weight would be read outside FP8
+            raise ValueError(f"attn_impl: found {self.attn_impl!r} with fp8=True; FP8 training runs the "
+                             "readable attention, expected 'naive'")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {tuple(DTYPES)}, found {self.dtype!r}")
         if not isinstance(self.model, dict):
@@ -216,9 +226,10 @@ def evaluate(model: DeepseekV3, data: torch.Tensor, cfg: TrainConfig) -> dict:
 
 
 def build_model(cfg: TrainConfig) -> DeepseekV3:
-    """The model of a run, seeded (moe_impl "loop": the readable experts, which autograd follows)."""
+    """The model of a run, seeded (moe_impl "loop": the readable experts, which autograd follows;
+    cfg.attn_impl's attention)."""
     torch.manual_seed(cfg.seed)
-    model = DeepseekV3(small_config(**cfg.model))
+    model = DeepseekV3(small_config(**cfg.model), attn_impl=cfg.attn_impl)
     if cfg.fp8:
         fp8_training_layers(model)
     return model.to(device=cfg.device, dtype=DTYPES[cfg.dtype]).train()

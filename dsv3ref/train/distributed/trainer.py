@@ -55,11 +55,11 @@ class DistributedRun:
     def __init__(self, cfg: TrainConfig, layout: Layout, timeout: timedelta = timedelta(minutes=5)):
         unsupported = [f"{name}={getattr(cfg, name)!r}" for name, ok in
                        (("balance", cfg.balance in ("bias", "none")), ("seq_alpha", not cfg.seq_alpha),
-                        ("fp8", not cfg.fp8)) if not ok]
+                        ("fp8", not cfg.fp8), ("attn_impl", cfg.attn_impl == "naive")) if not ok]
         if unsupported:
             raise ValueError(f"distributed training: {', '.join(unsupported)} is not supported across processes "
-                             "(expected balance 'bias' or 'none', seq_alpha 0, fp8 off); the single-process loop "
-                             "trains them")
+                             "(expected balance 'bias' or 'none', seq_alpha 0, fp8 off, attn_impl 'naive'); the "
+                             "single-process loop trains them")
         if not dist.is_initialized():
             raise RuntimeError("distributed training: no process group; launch with torchrun (or call "
                                "torch.distributed.init_process_group first)")
