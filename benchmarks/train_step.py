@@ -71,15 +71,6 @@ VARIANTS = {"grouped": dict(moe_impl="grouped"), "absorb": dict(attn_impl="absor
 """The training loop's model with other implementation choices (dsv3ref.impl), the same weights."""
 
 
-def variant_list(text: str) -> list[str]:
-    """argparse type of --variants: names of VARIANTS, comma-separated (none: an empty string)."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; expected some of {list(VARIANTS)}")
-    return names
-
-
 def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=False)
 
@@ -131,9 +122,9 @@ def main() -> None:
                         help="consecutive steps of a contender per round, the first not counted (with 1, it is)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-fp8", action="store_true")
-    parser.add_argument("--variants", type=variant_list, default=list(VARIANTS),
-                        help=f"comma-separated, of {', '.join(VARIANTS)} (default: all; each is one more model "
-                             "in memory: `small` holds about 5 GB a model with its optimizer)")
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which of VARIANTS to time (default: all; none with the flag alone; each is one more "
+                             "model in memory: `small` holds about 5 GB a model with its optimizer)")
     parser.add_argument("--device", default="cpu", help="where every contender runs ('cuda': a GPU, float32 "
                                                         "GEMMs without TF32, torch's default)")
     args = parser.parse_args()

@@ -52,6 +52,8 @@ tests hold each equal to its formula written out in float64.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
@@ -81,40 +83,40 @@ def absorbed_is_cheaper(t: int, s: int, r: int, h: int, dn: int, dr: int, dv: in
     return t * r * (dn + dv) + t * s * (2 * r + dr) < s * r * (dn + dv) + t * s * (dn + dr + dv)
 
 
-_BIASES = WeakIdKeyDictionary()  # mask -> (its version, dtype, bias), by identity
+_PER_MASK = WeakIdKeyDictionary()  # mask -> {what: (the mask's version, value)}, by identity
+
+
+def _per_mask(mask: torch.Tensor, what: tuple, make: Callable[[], object]):
+    """make(), kept with the mask under `what` while the mask lives and is not changed in place: the
+    model passes one mask to every layer of a forward, so what is derived from it is made once. A mask
+    made in inference mode keeps no version counter: made at every call there."""
+    if mask.is_inference():
+        return make()
+    kept = _PER_MASK.get(mask)
+    if kept is None:
+        kept = _PER_MASK[mask] = {}
+    if what not in kept or kept[what][0] != mask._version:
+        kept[what] = mask._version, make()
+    return kept[what][1]
 
 
 def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """mask (b, t, s) as an additive bias: 0 where True, -inf where False, in dtype. Made once per mask
-    (the model passes one mask to every layer of a forward) and kept while the mask lives."""
-    entry = _BIASES.get(mask)
-    if entry is None or entry[0] != mask._version or entry[1] != dtype:
-        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-        entry = _BIASES[mask] = (mask._version, dtype, bias)
-    return entry[2]
-
-
-_CAUSAL = WeakIdKeyDictionary()  # mask -> (its version, whether it is the plain causal mask), by identity
+    """mask (b, t, s) as an additive bias: 0 where True, -inf where False, in dtype (made once per mask)."""
+    return _per_mask(mask, ("bias", dtype), lambda: torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+                     .masked_fill_(~mask, float("-inf")))
 
 
 def _plainly_causal(mask: torch.Tensor) -> bool:
     """Whether mask (b, t, s) is the causal mask of a chunk without a cache (t == s, query i sees keys
     0..i in every row): then torch's fused attention may skip the masked blocks instead of reading the
-    mask. Checked once per mask (the model passes one mask to every layer). Only on a CPU, where the
-    two calls were measured and give the same bits (on a GPU the check would wait for the device); a
-    mask without values (fake or meta tensors: a simulation) or one seen while torch.compile traces is
-    taken as it is."""
+    mask. Checked once per mask. Only on a CPU, where the two calls were measured and give the same
+    bits (on a GPU the check would wait for the device); a mask without values (fake or meta tensors:
+    a simulation) or one seen while torch.compile traces is taken as it is."""
     if type(mask) is not torch.Tensor or mask.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     t, s = mask.shape[-2:]
-    if t != s:
-        return False
-    version = None if mask.is_inference() else mask._version  # (an inference tensor keeps no version: checked
-    entry = _CAUSAL.get(mask)                                   # at every call, a pass over t x t booleans)
-    if entry is None or entry[0] is None or entry[0] != version:
-        causal = torch.equal(mask, torch.ones(t, s, dtype=torch.bool, device=mask.device).tril().expand_as(mask))
-        entry = _CAUSAL[mask] = (version, causal)
-    return entry[1]
+    return t == s and _per_mask(mask, ("causal",), lambda: torch.equal(
+        mask, torch.ones(t, s, dtype=torch.bool, device=mask.device).tril().expand_as(mask)))
 
 
 class MLA(nn.Module):

@@ -26,6 +26,15 @@ needs_cpu_scaled_mm = pytest.mark.skipif(
     reason="this CUDA build of torch has no CPU kernel for scaled_mm")
 
 
+def stacked_expert_grads(experts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loop experts' weight gradients stacked as the grouped layout holds its weights: (gate_up_proj
+    (e, 2 inter, dim), down_proj (e, dim, inter)); an expert without a gradient (no token chose it) as zeros."""
+    def grad(p):
+        return p.grad if p.grad is not None else torch.zeros_like(p)
+    return (torch.stack([torch.cat([grad(e.gate_proj.weight), grad(e.up_proj.weight)]) for e in experts]),
+            torch.stack([grad(e.down_proj.weight) for e in experts]))
+
+
 def tiny_config(**changes) -> ModelConfig:
     """A small config with every feature switched on; `changes` override fields."""
     base = dict(

@@ -9,10 +9,11 @@ import math
 
 import pytest
 import torch
-from helpers import random_dsv3ref, rel_err, tiny_config
+from helpers import random_dsv3ref, rel_err, stacked_expert_grads, tiny_config
 
 from dsv3ref import DeepseekV3
 from dsv3ref.mla import MLA
+from dsv3ref.moe import LoopExperts
 from dsv3ref.rope import RotaryEmbedding, apply_rope, softmax_scale
 
 
@@ -157,21 +158,14 @@ def test_training_softmax_equals_masked_fill_bit_for_bit_forward_and_backward(dt
 
 def _gradients(model: DeepseekV3) -> dict[str, torch.Tensor]:
     """Every parameter's gradient, the loop experts' stacked as the grouped layout holds them
-    (`experts.gate_up_proj` (e, 2 inter, dim), `experts.down_proj` (e, dim, inter))."""
-    grads, experts = {}, {}
+    (`experts.gate_up_proj`, `experts.down_proj`; an expert no token chose: zeros)."""
+    grads = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoopExperts):
+            grads[f"{name}.gate_up_proj"], grads[f"{name}.down_proj"] = stacked_expert_grads(module)
     for name, p in model.named_parameters():
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)  # (an expert no token chose)
-        prefix, sep, rest = name.partition(".experts.")
-        number, _, proj = rest.partition(".")
-        if sep and number.isdigit():  # a loop expert: experts.{e}.{gate,up,down}_proj.weight
-            experts.setdefault(prefix, {}).setdefault(int(number), {})[proj] = grad
-        else:
-            grads[name] = grad
-    for prefix, by_number in experts.items():
-        order = [by_number[e] for e in sorted(by_number)]
-        grads[f"{prefix}.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([g["gate_proj.weight"], g["up_proj.weight"]]) for g in order])
-        grads[f"{prefix}.experts.down_proj"] = torch.stack([g["down_proj.weight"] for g in order])
+        if ".experts." not in name or not name.split(".experts.")[1].split(".")[0].isdigit():
+            grads[name] = p.grad if p.grad is not None else torch.zeros_like(p)
     return grads
 
 

@@ -7,7 +7,7 @@ Tolerance: float32 outputs and gradients of the grouped and loop paths agree to 
 
 import pytest
 import torch
-from helpers import hf_model, rel_err, tiny_config
+from helpers import hf_model, rel_err, stacked_expert_grads, tiny_config
 
 import dsv3ref
 from dsv3ref import DeepseekV3
@@ -38,8 +38,7 @@ def check_forward_and_backward(loop, grouped, x, tol):
     (out_l * upstream).sum().backward()
     (out_g * upstream).sum().backward()
     assert rel_err(xg.grad, xl.grad) < tol
-    loop_gate_up = torch.stack([torch.cat([e.gate_proj.weight.grad, e.up_proj.weight.grad]) for e in loop.experts])
-    loop_down = torch.stack([e.down_proj.weight.grad for e in loop.experts])
+    loop_gate_up, loop_down = stacked_expert_grads(loop.experts)
     assert rel_err(grouped.experts.gate_up_proj.grad, loop_gate_up) < tol
     assert rel_err(grouped.experts.down_proj.grad, loop_down) < tol
     # with one normalized expert per token the gate value is 1 and the router's gradient is zero
