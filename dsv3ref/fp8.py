@@ -202,6 +202,27 @@ def quantize_activation(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | No
     return (q[..., :k].contiguous() if pad else q), scale
 
 
+def quantize_columns(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) in 128 x 1 tiles, `block` consecutive rows of one column (Wgrad's operands: the
+    contraction runs over tokens) -> fp8 x (M, K) and scales (ceil(M/block), K) float32. The same
+    numbers as `quantize_activation(x.T)` transposed, bit for bit (tested), with no transposed copy; a
+    last tile of fewer rows is taken as it is (as quantize_activation pads it with zeros)."""
+    m, whole = x.shape[0], x.shape[0] - x.shape[0] % block
+    q = torch.empty(x.shape, dtype=E4M3, device=x.device)
+    scales = []
+    for start, end in ((0, whole), (whole, m)):  # the whole tiles, then a shorter last one
+        if end > start:
+            tiles = x[start:end].float().unflatten(0, (-1, min(end - start, block)))  # (mb, rows, K)
+            scale = tiles.abs().amax(dim=1).clamp(min=AMAX_FLOOR) / E4M3_MAX  # (mb, K)
+            if scale_fmt == "ue8m0":
+                scale = _ue8m0(scale)
+            # rounded to E4M3 by the copy; no clamp, for quantize_activation's reason
+            q[start:end].view(tiles.shape).copy_(tiles / scale[:, None])
+            scales.append(scale)
+    return q, torch.cat(scales) if len(scales) > 1 else scales[0]
+
+
 def tile_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
                 block: int = BLOCK, accumulate: torch.dtype = torch.float32) -> torch.Tensor:
     """a @ b.T for FP8 operands that each carry one scale per row per `block`-wide K block.
@@ -219,7 +240,8 @@ def tile_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_s
 def tile_matmul_decoded(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                         block: int = BLOCK, accumulate: torch.dtype = torch.float32) -> torch.Tensor:
     """`tile_matmul` of operands already decoded to float64 (E4M3 values, held exactly): a (M, K), b
-    (N, K), any strides (FP8 training's Dgrad passes the forward's decoded weight transposed)."""
+    (N, K), any strides (FP8 training's Dgrad passes the forward's decoded weight transposed, and Wgrad both
+    operands, quantized along their columns)."""
     a_s, b_s = a_scale.double(), b_scale.double()
     acc = torch.zeros(a.shape[0], b.shape[0], dtype=accumulate, device=a.device)
     for kb, start in enumerate(range(0, a.shape[1], block)):  # one K block at a time; the last may be

@@ -32,6 +32,7 @@ from dsv3ref.fp8 import (
     fp8_matmul_scaled_mm,
     limited_precision_dot,
     quantize_activation,
+    quantize_columns,
     quantize_weight,
     quantize_weight_fast,
     scaled_mm_recipe,
@@ -138,6 +139,27 @@ def test_activation_quantization_needs_no_clamp():
         tiles = torch.nn.functional.pad(x, (0, 84)).view(40, 3, 128)
         with_clamp = (tiles / scale[..., None]).clamp(-448, 448).to(E4M3).view(40, 384)[:, :300]
         assert torch.equal(q.view(torch.uint8), with_clamp.view(torch.uint8)), scale_fmt
+
+
+@pytest.mark.parametrize("rows", [1, 5, 127, 128, 200, 256, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_tiles_are_the_transposed_row_tiles_bit_for_bit(rows, dtype):
+    """quantize_columns (Wgrad's 128 x 1 tiles, quantized in place along the rows) gives the bytes and
+    scales of quantize_activation on the transposed copy, transposed back: whole tiles, a shorter last
+    one, a single short one, an all-zero column (the amax floor), both scale formats. A tile holding a
+    NaN is NaN in both (E4M3 has two NaN bytes, 0x7F and 0xFF: the sign of a NaN is not compared)."""
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 70, generator=g) * torch.logspace(-3, 2, 70)).to(dtype)
+    x[:, 3] = 0
+    x[rows // 2, 9] = float("nan")
+    for scale_fmt in (None, "ue8m0"):
+        q, scale = quantize_columns(x, scale_fmt=scale_fmt)
+        q_t, scale_t = quantize_activation(x.T.contiguous(), scale_fmt=scale_fmt)
+        assert q.shape == x.shape and scale.shape == (math.ceil(rows / 128), 70)
+        nan = q.float().isnan()
+        assert nan.sum() == min(rows, 128) and torch.equal(nan, q_t.T.float().isnan())  # the NaN's tile
+        assert torch.equal(q.view(torch.uint8)[~nan], q_t.T.view(torch.uint8)[~nan]), scale_fmt
+        torch.testing.assert_close(scale, scale_t.T, rtol=0, atol=0, equal_nan=True)  # exactly; the NaN tile's NaN
 
 
 @pytest.mark.parametrize("m,k,n", [(4, 256, 128), (7, 300, 130), (1, 128, 5)])

@@ -13,7 +13,7 @@ from helpers import rel_err
 from safetensors.torch import load_file
 
 from dsv3ref import DeepseekV3, generate
-from dsv3ref.fp8 import dequantize_weight, quantize_activation, quantize_weight
+from dsv3ref.fp8 import dequantize_weight, fp8_matmul, quantize_activation, quantize_weight, rows_of_blocks, tile_matmul
 from dsv3ref.router import RoutingRecord
 from dsv3ref.routing import capture, routers, update_bias
 from dsv3ref.train import Corpus, FP8LinearFunction, TrainConfig, learning_rate, max_violation, train
@@ -287,6 +287,81 @@ def test_fp8_gradients_equal_float64_autograd_of_the_same_quantized_computation(
     assert rel_err(w.grad, dw64_direct) > 1e-4
     # and the quantization is real: the plain float64 gradient differs by more than the tolerance
     assert rel_err(w.grad, dy.double().T @ x.detach().double()) > 1e-3
+
+
+@pytest.mark.parametrize("m,k,n", [(200, 300, 260), (130, 64, 128), (5, 128, 7)])
+def test_fp8_gemms_are_the_recipe_written_out_bit_for_bit(m, k, n):
+    """Fprop, Dgrad and Wgrad of FP8LinearFunction give the bits of the report's recipe composed from the
+    GEMM (tile_matmul, itself held to the block recipe written out in test_fp8) and the quantizers:
+    Dgrad with dy in 1 x 128 tiles against the weight's blocks transposed; Wgrad with dy and the forward's
+    FP8 activation, dequantized, each transposed into a copy and quantized in 1 x 128 tiles there (the
+    128 x 1 tiles of the untransposed tensors, which the layer quantizes in place)."""
+    g = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=g, requires_grad=True)
+    w = (torch.randn(n, k, generator=g) * 0.05).requires_grad_()
+    dy = torch.randn(m, n, generator=g)
+    y = FP8LinearFunction.apply(x, w)
+    y.backward(dy)
+    x_q, x_s = quantize_activation(x.detach())
+    w_q, w_s = quantize_weight(w.detach())
+    assert torch.equal(y.view(torch.int32), fp8_matmul(x_q, x_s, w_q, w_s).view(torch.int32))
+    dy_q, dy_s = quantize_activation(dy)
+    dx = tile_matmul(dy_q, dy_s, w_q.T.contiguous(), rows_of_blocks(w_s.T.contiguous(), k))
+    assert torch.equal(x.grad.view(torch.int32), dx.view(torch.int32))
+    x_deq = x_q.float() * x_s.repeat_interleave(128, dim=1)[:, :k]  # the forward's FP8 copy, dequantized
+    dw = tile_matmul(*quantize_activation(dy.T.contiguous()), *quantize_activation(x_deq.T.contiguous()))
+    assert torch.equal(w.grad.view(torch.int32), dw.view(torch.int32))
+
+
+def test_an_activation_read_by_two_fp8_layers_is_quantized_once(monkeypatch):
+    """An MLP's gate_proj and up_proj read the same x: its 1 x 128 tiles (forward) and its 128 x 1 tiles
+    (Wgrad) are made once for both, and dropped after the last backward pass that reads them; the
+    gradients are bit for bit those of every layer quantizing x on its own. A change of x in place
+    quantizes it again."""
+    from dsv3ref import train as train_package
+    from dsv3ref.mlp import MLP
+    from dsv3ref.train import FP8TrainLinear
+
+    g = torch.Generator().manual_seed(3)
+    mlp = MLP(300, 200)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        setattr(mlp, name, FP8TrainLinear(torch.randn(getattr(mlp, name).weight.shape, generator=g) * 0.05))
+    x = torch.randn(2, 100, 300, generator=g, requires_grad=True)
+    dy = torch.randn(2, 100, 300, generator=g)
+    calls = {"quantize_activation": [], "quantize_columns": []}
+    for name, shapes in calls.items():
+        real = getattr(train_package.fp8, name)
+        monkeypatch.setattr(train_package.fp8, name, lambda t, real=real, shapes=shapes: shapes.append(
+            tuple(t.shape)) or real(t))
+    mlp(x).backward(dy)
+    # 1 x 128 tiles: x (200, 300) once for gate_proj and up_proj, the hidden h (200, 200) once, and each
+    # layer's dy: down_proj's (200, 300), gate_proj's and up_proj's (200, 200)
+    assert sorted(calls["quantize_activation"]) == [(200, 200)] * 3 + [(200, 300)] * 2
+    # 128 x 1 tiles: the same three dy, x once, h
+    assert sorted(calls["quantize_columns"]) == [(200, 200)] * 3 + [(200, 300)] * 2
+    tiles = x._dsv3ref_fp8_tiles[1]
+    assert tiles.readers == 0 and tiles._columns is None  # Wgrad's copy dropped after both layers' backward
+
+    def unshared(layer, inp):  # each layer quantizing its own input
+        return FP8LinearFunction.apply(inp.reshape(-1, inp.shape[-1]), layer.weight).view(*inp.shape[:-1], -1)
+
+    x2 = x.detach().clone().requires_grad_()
+    weights = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    grads = [p.grad.clone() for p in weights]
+    for p in weights:
+        p.grad = None
+    h = torch.nn.functional.silu(unshared(mlp.gate_proj, x2)) * unshared(mlp.up_proj, x2)
+    unshared(mlp.down_proj, h).backward(dy)
+    for got, p in zip(grads, weights, strict=True):
+        assert torch.equal(got.view(torch.int32), p.grad.view(torch.int32))
+    assert torch.equal(x.grad.view(torch.int32), x2.grad.view(torch.int32))
+    calls["quantize_activation"].clear()
+    with torch.no_grad():
+        x3 = x.detach().clone()
+        mlp.gate_proj(x3)
+        x3.mul_(2)  # in place: up_proj must not read the tiles of the old value
+        assert torch.equal(mlp.up_proj(x3), unshared(mlp.up_proj, x3))
+    assert calls["quantize_activation"] == [(200, 300)] * 3  # before, after the change, and the oracle's
 
 
 def test_an_fp8_layer_quantizes_its_weight_once_per_value_it_takes():

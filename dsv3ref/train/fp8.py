@@ -12,8 +12,10 @@ fine-grained scales and accumulates in high precision:
 so every scale covers a run of 128 numbers *along the contraction*, which is what lets each
 block's partial sum be rescaled exactly (the report's "fine-grained quantization"). The master weight
 and the optimizer state stay in float32; the weight is quantized in 128 x 128 blocks once per step
-(every forward of the step and every Dgrad share it), the activation is kept for the backward pass in
-FP8 (its 1 x 128 tiles), and the gradients come out in float32 (weight) and the activation dtype.
+(every forward of the step and every Dgrad share it), an activation is quantized once per forward
+however many layers read it (ActivationTiles: an MLP's gate_proj and up_proj share x) and kept for the
+backward pass in FP8 (its 1 x 128 tiles), and the gradients come out in float32 (weight) and the
+activation dtype.
 
 All three are `dsv3ref.fp8.tile_matmul`, the GEMM inference uses too: per-row scales on both operands,
 one per 128-wide block of the contraction (a 128 x 128 weight block's scale is the per-row scale of
@@ -31,37 +33,84 @@ from dsv3ref.fp8 import (
     BLOCK,
     decode_e4m3,
     quantize_activation,
+    quantize_columns,
     quantize_weight,
     quantize_weight_fast,
     replace_fp8_layers,
     rows_of_blocks,
-    tile_matmul,
     tile_matmul_decoded,
 )
+
+
+class ActivationTiles:
+    """One activation's FP8 form, shared by every FP8 layer that reads it (an MLP's gate_proj and up_proj,
+    attention's q_a_proj and kv_a_proj_with_mqa): its tiles are quantized once per forward, as the
+    report's framework caches them, not once per layer that reads them.
+
+    q, scale: x (M, K) in 1 x 128 tiles, (M, K) E4M3 and (M, Kb) float32 (Fprop's operand, kept for the
+    backward pass). `columns()`: Wgrad's operand, the same values dequantized, transposed and quantized
+    again in 128 x 1 tiles (the report, section 3.5.2), made by the first backward pass that needs it and
+    dropped when every reader's backward pass has run (`readers` counts them)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.q, self.scale = quantize_activation(x)  # (M, K), (M, Kb): 1 x 128 tiles
+        self.readers = 0
+        self._columns: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (M, K) in 128 x 1 tiles, decoded to float64 (E4M3 values, exact), and their scales (Mb, K)."""
+        if self._columns is None:
+            x_deq = decode_e4m3(self.q) * self.scale.repeat_interleave(BLOCK, dim=1)[:, :self.q.shape[1]]  # (M, K)
+            x_q, x_s = quantize_columns(x_deq)  # (M, K), (Mb, K)
+            self._columns = decode_e4m3(x_q, torch.float64), x_s
+        return self._columns
+
+    def read(self) -> None:
+        """A reader's backward pass has used `columns()` (dropped after the last reader)."""
+        self.readers -= 1
+        if self.readers <= 0:
+            self._columns = None
+
+
+def activation_tiles(x: torch.Tensor) -> ActivationTiles:
+    """x (..., K)'s ActivationTiles of its (tokens, K) rows: made on the first call and kept with x (an
+    attribute of the tensor, gone with it), reused by later calls while x keeps its value (the same tensor
+    object, its version counter unmoved: a change in place quantizes again)."""
+    if x.is_inference():  # an inference tensor keeps no version counter: no sharing
+        return ActivationTiles(x.detach().reshape(-1, x.shape[-1]))
+    memo = getattr(x, "_dsv3ref_fp8_tiles", None)
+    if memo is None or memo[0] != x._version:
+        memo = (x._version, ActivationTiles(x.detach().reshape(-1, x.shape[-1])))
+        x._dsv3ref_fp8_tiles = memo
+    return memo[1]
 
 
 class FP8LinearFunction(torch.autograd.Function):
     """y = x W^T with the three GEMMs of the table above (x (M, K), W (N, K) float32 master weight).
 
     weight_q: W quantized in 128 x 128 blocks, (E4M3 (N, K), scales (Nb, Kb)), when the caller has it
-    (FP8TrainLinear quantizes once per optimizer step); None quantizes it here."""
+    (FP8TrainLinear quantizes once per optimizer step); None quantizes it here. tiles: x's
+    ActivationTiles when the caller shares them between layers (FP8TrainLinear); None quantizes x here."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
-                weight_q: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                weight_q: tuple[torch.Tensor, torch.Tensor] | None = None,
+                tiles: ActivationTiles | None = None) -> torch.Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
         w_q, w_s = weight_q if weight_q is not None else quantize_weight(weight.detach())  # 128 x 128 blocks
         w64 = decode_e4m3(w_q, torch.float64)  # (N, K): E4M3 values, exact; Fprop and Dgrad share it
-        x_q, x_s = quantize_activation(x.detach())  # (M, K), (M, Kb): 1 x 128 tiles
-        ctx.save_for_backward(x_q, x_s, w64, w_s)  # the activation kept in FP8, as the report caches it
+        tiles = tiles if tiles is not None else ActivationTiles(x.detach())  # (M, K) in 1 x 128 tiles
+        tiles.readers += 1
+        ctx.tiles = tiles  # the activation kept in FP8, as the report caches it
+        ctx.save_for_backward(w64, w_s)
         ctx.x_dtype = x.dtype
-        y = tile_matmul_decoded(decode_e4m3(x_q, torch.float64), x_s, w64, rows_of_blocks(w_s, w_q.shape[0]),
-                                accumulate=acc)
+        y = tile_matmul_decoded(decode_e4m3(tiles.q, torch.float64), tiles.scale, w64,
+                                rows_of_blocks(w_s, w_q.shape[0]), accumulate=acc)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x_q, x_s, w64, w_s = ctx.saved_tensors
+        w64, w_s = ctx.saved_tensors
         acc = torch.promote_types(ctx.x_dtype, torch.float32)
         # Dgrad: dx (M, K) = dy (M, N) @ W (N, K); contraction over N: dy in 1 x 128 tiles along N,
         # W^T (K, N) with the forward's blocks (transposed), one scale per row of W^T per N block.
@@ -70,12 +119,14 @@ class FP8LinearFunction(torch.autograd.Function):
         dx = tile_matmul_decoded(decode_e4m3(dy_q, torch.float64), dy_s, w64.T, w_t_scale, accumulate=acc)
         # Wgrad: dW (N, K) = dy^T (N, M) @ x (M, K); contraction over tokens M: both in 128 x 1 tiles. x
         # is the forward's FP8 copy, dequantized, transposed and quantized again in 128 x 1 tiles (the
-        # report, section 3.5.2: "read out, dequantized, transposed, re-quantized into 128x1 tiles").
-        x_deq = decode_e4m3(x_q) * x_s.repeat_interleave(BLOCK, dim=1)[:, :x_q.shape[1]]  # (M, K) float32
-        dyt_q, dyt_s = quantize_activation(dy.T.contiguous())  # (N, M), (N, Mb)
-        xt_q, xt_s = quantize_activation(x_deq.T.contiguous())  # (K, M), (K, Mb)
-        dw = tile_matmul(dyt_q, dyt_s, xt_q, xt_s, accumulate=acc).float()
-        return dx.to(ctx.x_dtype), dw, None
+        # report, section 3.5.2: "read out, dequantized, transposed, re-quantized into 128x1 tiles"), once
+        # for all the layers that read it. Both are quantized along their columns where they lie
+        # (quantize_columns: the transposed copy's numbers) and the GEMM reads them transposed.
+        dy_cq, dy_cs = quantize_columns(dy)  # (M, N), (Mb, N)
+        x64, x_cs = ctx.tiles.columns()  # (M, K), (Mb, K)
+        ctx.tiles.read()
+        dw = tile_matmul_decoded(decode_e4m3(dy_cq, torch.float64).T, dy_cs.T, x64.T, x_cs.T, accumulate=acc).float()
+        return dx.to(ctx.x_dtype), dw, None, None
 
 
 class FP8TrainLinear(nn.Module):
@@ -104,7 +155,7 @@ class FP8TrainLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        y = FP8LinearFunction.apply(flat, self.weight, self.quantized_weight())
+        y = FP8LinearFunction.apply(flat, self.weight, self.quantized_weight(), activation_tiles(x))
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
