@@ -213,7 +213,7 @@ def quantize_columns(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | None 
     scales = []
     for start, end in ((0, whole), (whole, m)):  # the whole tiles, then a shorter last one
         if end > start:
-            tiles = x[start:end].float().unflatten(0, (-1, min(end - start, block)))  # (mb, rows, K)
+            tiles = rearrange(x[start:end].float(), "(mb i) k -> mb i k", i=min(end - start, block))
             scale = tiles.abs().amax(dim=1).clamp(min=AMAX_FLOOR) / E4M3_MAX  # (mb, K)
             if scale_fmt == "ue8m0":
                 scale = _ue8m0(scale)
