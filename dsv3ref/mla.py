@@ -52,19 +52,17 @@ tests hold each equal to its formula written out in float64.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from dsv3ref.config import ModelConfig
 from dsv3ref.fp8 import FP8Linear, linear_weight
 from dsv3ref.impl import CHOICES, Implementation
 from dsv3ref.kernels.mla_decode import flash_mla_with_kvcache
 from dsv3ref.linear import Linear
+from dsv3ref.memo import derived
 from dsv3ref.norm import RMSNorm
 from dsv3ref.paged_cache import PagedLayer
 from dsv3ref.rope import apply_rope, softmax_scale
@@ -83,27 +81,10 @@ def absorbed_is_cheaper(t: int, s: int, r: int, h: int, dn: int, dr: int, dv: in
     return t * r * (dn + dv) + t * s * (2 * r + dr) < s * r * (dn + dv) + t * s * (dn + dr + dv)
 
 
-_PER_MASK = WeakIdKeyDictionary()  # mask -> {what: (the mask's version, value)}, by identity
-
-
-def _per_mask(mask: torch.Tensor, what: tuple, make: Callable[[], object]):
-    """make(), kept with the mask under `what` while the mask lives and is not changed in place: the
-    model passes one mask to every layer of a forward, so what is derived from it is made once. A mask
-    made in inference mode keeps no version counter: made at every call there."""
-    if mask.is_inference():
-        return make()
-    kept = _PER_MASK.get(mask)
-    if kept is None:
-        kept = _PER_MASK[mask] = {}
-    if what not in kept or kept[what][0] != mask._version:
-        kept[what] = mask._version, make()
-    return kept[what][1]
-
-
 def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """mask (b, t, s) as an additive bias: 0 where True, -inf where False, in dtype (made once per mask)."""
-    return _per_mask(mask, ("bias", dtype), lambda: torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-                     .masked_fill_(~mask, float("-inf")))
+    return derived(mask, ("bias", dtype), lambda: torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+                   .masked_fill_(~mask, float("-inf")))
 
 
 def _plainly_causal(mask: torch.Tensor) -> bool:
@@ -115,7 +96,7 @@ def _plainly_causal(mask: torch.Tensor) -> bool:
     if type(mask) is not torch.Tensor or mask.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     t, s = mask.shape[-2:]
-    return t == s and _per_mask(mask, ("causal",), lambda: torch.equal(
+    return t == s and derived(mask, "causal", lambda: torch.equal(
         mask, torch.ones(t, s, dtype=torch.bool, device=mask.device).tril().expand_as(mask)))
 
 

@@ -40,6 +40,7 @@ from dsv3ref.fp8 import (
     rows_of_blocks,
     tile_matmul_decoded,
 )
+from dsv3ref.memo import derived
 
 
 class ActivationTiles:
@@ -73,16 +74,9 @@ class ActivationTiles:
 
 
 def activation_tiles(x: torch.Tensor) -> ActivationTiles:
-    """x (..., K)'s ActivationTiles of its (tokens, K) rows: made on the first call and kept with x (an
-    attribute of the tensor, gone with it), reused by later calls while x keeps its value (the same tensor
-    object, its version counter unmoved: a change in place quantizes again)."""
-    if x.is_inference():  # an inference tensor keeps no version counter: no sharing
-        return ActivationTiles(x.detach().reshape(-1, x.shape[-1]))
-    memo = getattr(x, "_dsv3ref_fp8_tiles", None)
-    if memo is None or memo[0] != x._version:
-        memo = (x._version, ActivationTiles(x.detach().reshape(-1, x.shape[-1])))
-        x._dsv3ref_fp8_tiles = memo
-    return memo[1]
+    """x (..., K)'s ActivationTiles of its (tokens, K) rows, made once per value x takes
+    (dsv3ref.memo.derived: the same tensor object, unchanged in place) and shared by its readers."""
+    return derived(x, "fp8 tiles", lambda: ActivationTiles(x.detach().reshape(-1, x.shape[-1])))
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -141,16 +135,15 @@ class FP8TrainLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self._quantized: tuple[tuple[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.quantizations = 0  # how many times the weight was quantized (tests count them)
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(E4M3 weight, 128 x 128 block scales) of the weight's current value."""
-        weight, version = self.weight, self.weight._version
-        if self._quantized is None or self._quantized[0][0] is not weight or self._quantized[0][1] != version:
-            self._quantized = (weight, version), quantize_weight_fast(weight.detach())
-            self.quantizations += 1
-        return self._quantized[1]
+        return derived(self.weight, "fp8 blocks", self._quantize)
+
+    def _quantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.quantizations += 1
+        return quantize_weight_fast(self.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
