@@ -21,7 +21,9 @@ zero_grad + forward + backward + optimizer step):
 - "dsv3ref main + MTP": `model.loss(ids)`, what the training loop runs (the MTP module adds one block
   and one more pass through the shared head per depth);
 - "dsv3ref FP8 main + MTP": the same with every FP8-eligible layer trained through the exact FP8
-  emulation (dsv3ref.train.fp8);
+  emulation (dsv3ref.train.fp8, fp8_kernel "emulate");
+- "dsv3ref FP8 main + MTP, dequantize": the same FP8 training with fp8_kernel "dequantize" (the same
+  E4M3 operands and scales, each GEMM one float32 product of the dequantized operands);
 - "float64 GEMMs main + MTP": the FP8 step's floor on this hardware: the same layers run their three
   GEMMs (forward, Dgrad, Wgrad) as single float64 products, as the exact emulation must (a 128-term sum
   of E4M3 products needs float64 to be exact), with no quantization and no per-block split.
@@ -156,6 +158,10 @@ def main() -> None:
         fp8.load_state_dict(model.state_dict())
         fp8_training_layers(fp8)
         contenders["dsv3ref FP8 main + MTP"] = (fp8, dsv3ref_full)
+        fast = dsv3ref.DeepseekV3(cfg).train()
+        fast.load_state_dict(model.state_dict())
+        fp8_training_layers(fast, kernel="dequantize")
+        contenders["dsv3ref FP8 main + MTP, dequantize"] = (fast, dsv3ref_full)
         floor = dsv3ref.DeepseekV3(cfg).train()
         floor.load_state_dict(model.state_dict())
         replace_fp8_layers(floor, float64_layers)
@@ -183,12 +189,14 @@ def main() -> None:
         elif name == "dsv3ref main + MTP":
             extra = med[name] / med["dsv3ref main loss"] - 1
             ratio = f"MTP adds {extra:+.0%} time for {share:.0%} more work ({extra / share:.2f}x its share)"
+        elif name.endswith("dequantize"):
+            ratio = f"{med[name] / med['dsv3ref main + MTP']:.2f}x the float32 step's time"
         elif name.startswith("dsv3ref FP8"):
             ratio = (f"{med[name] / med['dsv3ref main + MTP']:.2f}x the float32 step's time, "
                      f"{med[name] / med['float64 GEMMs main + MTP']:.2f}x its floor")
         elif name.startswith("float64"):
             ratio = f"{med[name] / med['dsv3ref main + MTP']:.2f}x the float32 step's time"
-        print(f"{name:32s} median {med[name] * 1e3:8.1f} ms (min {min(t) * 1e3:7.1f}, max {max(t) * 1e3:7.1f})  "
+        print(f"{name:36s} median {med[name] * 1e3:8.1f} ms (min {min(t) * 1e3:7.1f}, max {max(t) * 1e3:7.1f})  "
               f"{ratio}", flush=True)
 
 

@@ -54,6 +54,7 @@ from dsv3ref.tokenizer import StreamDecoder, Tokenizer, check_text
 from dsv3ref.train import TrainConfig, train
 from dsv3ref.train.checkpoint import TRAJECTORY_FIELDS
 from dsv3ref.train.distributed import SCHEDULES, Layout, train_distributed
+from dsv3ref.train.fp8 import TRAINING_KERNELS
 from dsv3ref.train.loop import DTYPES as TRAIN_DTYPES
 
 UNTRAINED = "embedded tiny model, random weights, UNTRAINED (its text is noise), with the DeepSeek-V3 tokenizer"
@@ -443,7 +444,7 @@ def train_cmd(args: argparse.Namespace) -> int:
                       lr=args.lr, min_lr=args.lr / 10, warmup=args.warmup, mtp_lambda=args.mtp_lambda,
                       mtp_lambda_late=args.mtp_lambda_late, device=args.device,
                       balance=args.balance, gamma=args.gamma, gamma_late=args.gamma_late, seq_alpha=args.seq_alpha,
-                      fp8=args.fp8, dtype=args.dtype, attn_impl=args.attn_impl,
+                      fp8=args.fp8, fp8_kernel=args.fp8_kernel, dtype=args.dtype, attn_impl=args.attn_impl,
                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
     if launched_by_torchrun():
         return _train_across_processes(args, cfg)
@@ -605,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-alpha", type=_number(0.0), default=0.0,
                    help="sequence-wise balance loss weight (report: 1e-4)")
     p.add_argument("--fp8", action="store_true", help="FP8 GEMMs in forward and backward (section 3.3, emulated)")
+    p.add_argument("--fp8-kernel", choices=list(TRAINING_KERNELS), default="emulate",
+                   help="with --fp8: emulate (the exact block-scaled GEMMs) or dequantize (the same FP8 operands "
+                        "in one float32 GEMM each: float32 rounding apart, the same result, faster)")
     p.add_argument("--eval-every", type=_positive, default=100)
     p.add_argument("--save-every", type=_integer(0), default=0, help="checkpoint every N steps (0: at the end only)")
     p.add_argument("--seed", type=_integer(0, 2**32), default=0)

@@ -14,6 +14,12 @@ Its 3 mantissa bits leave a relative rounding error of at most 2^-4 (half an ulp
   block scales and accumulates in float32. `fp8_matmul` computes the FP8 products exactly (in
   float64, where a 128-term sum of E4M3 products is exact) and accumulates the scaled blocks in
   float32.
+- `fp8_matmul_dequantized` is the fast path on a CPU (fp8_kernel "dequantize"): the same E4M3
+  operands and scales, each dequantized (value times its scale, rounded once to the GEMM's
+  precision) and multiplied in one dense GEMM, so the sum over K runs in float32 (float64 for a
+  float64 model) in the BLAS's order instead of exact 128-term blocks. It moves a result by float32
+  rounding (about 1e-6 relative: tested), far less than E4M3's own step (2^-4) or the tensor cores'
+  accumulation (below), at the speed of a float32 GEMM.
 - `fp8_matmul_scaled_mm` runs the same GEMM through torch's `scaled_mm`, the fast path: on a
   Hopper GPU (SM90) as one cuBLAS call with BlockWise1x128 x BlockWise128x128 scales, on a CPU as
   one call per K block with per-row scales (torch's CPU kernel has no block recipes).
@@ -223,6 +229,17 @@ def quantize_columns(x: torch.Tensor, block: int = BLOCK, scale_fmt: str | None 
     return q, torch.cat(scales) if len(scales) > 1 else scales[0]
 
 
+def dequantize_columns(q: torch.Tensor, scale: torch.Tensor, block: int = BLOCK,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q (M, K) E4M3 in 128 x 1 tiles with their scales (ceil(M / block), K), as `quantize_columns`
+    gives them -> q * scale (M, K) in dtype, each product rounded once (as `dequantize_tiles`)."""
+    values = decode_e4m3(q, torch.promote_types(dtype, torch.float32))  # (M, K), scaled in place below
+    whole = q.shape[0] - q.shape[0] % block
+    rearrange(values[:whole], "(mb i) k -> mb i k", i=block).mul_(scale[:whole // block, None])
+    values[whole:].mul_(scale[whole // block:])  # a shorter last tile: one scale row
+    return values.to(dtype)
+
+
 def tile_matmul(a_q: torch.Tensor, a_scale: torch.Tensor, b_q: torch.Tensor, b_scale: torch.Tensor,
                 block: int = BLOCK, accumulate: torch.dtype = torch.float32) -> torch.Tensor:
     """a @ b.T for FP8 operands that each carry one scale per row per `block`-wide K block.
@@ -250,6 +267,29 @@ def tile_matmul_decoded(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
         part *= b_s[None, :, kb]
         acc += part.to(accumulate)
     return acc
+
+
+def dequantize_tiles(q: torch.Tensor, scale: torch.Tensor, block: int = BLOCK,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q (..., K) E4M3 in 1 x `block` tiles with their scales (..., ceil(K / block)), as
+    `quantize_activation` gives them -> the tiles' values q * scale (..., K) in dtype, each product
+    rounded once (computed in dtype, at least float32, where every E4M3 value is exact)."""
+    values = decode_e4m3(q, torch.promote_types(dtype, torch.float32))  # (..., K), scaled in place below
+    whole = q.shape[-1] - q.shape[-1] % block
+    rearrange(values[..., :whole], "... (kb i) -> ... kb i", i=block).mul_(scale[..., :whole // block, None])
+    values[..., whole:].mul_(scale[..., whole // block:])  # a narrower last tile: one scale
+    return values.to(dtype)
+
+
+def fp8_matmul_dequantized(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale_inv: torch.Tensor,
+                           block: int = BLOCK, accumulate: torch.dtype = torch.float32,
+                           w_dense: torch.Tensor | None = None) -> torch.Tensor:
+    """`fp8_matmul`'s product (same arguments, (M, N) in `accumulate`) with both operands dequantized
+    first, x by its 1 x 128 tiles and w by its 128 x 128 blocks, and multiplied in one GEMM in
+    `accumulate`: fp8_kernel "dequantize". w_dense: the weight already dequantized in `accumulate`, if the
+    caller keeps it (FP8Linear does, once per weight)."""
+    w = w_dense if w_dense is not None else dequantize_weight_fast(w_q, w_scale_inv, block, accumulate)
+    return dequantize_tiles(x_q, x_scale, block, accumulate) @ w.T  # (M, K) @ (K, N)
 
 
 def mn_major_tma_aligned(sf: torch.Tensor) -> torch.Tensor:
@@ -424,8 +464,8 @@ class FP8Linear(nn.Module):
 
     Checkpoint names: `weight` (float8_e4m3fn, (out, in)) and `weight_scale_inv` (float32). The
     input is quantized per token per 128 channels on the fly (activation_scheme "dynamic") and
-    multiplied with `fp8_matmul` (kernel "emulate", the exact oracle) or `fp8_matmul_scaled_mm`
-    (kernel "scaled_mm"); the result is cast to the input's dtype.
+    multiplied with `fp8_matmul` (kernel "emulate", the exact oracle), `fp8_matmul_dequantized` (kernel
+    "dequantize") or `fp8_matmul_scaled_mm` (kernel "scaled_mm"); the result is cast to the input's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, scale_fmt: str | None = None,
@@ -483,6 +523,10 @@ class FP8Linear(nn.Module):
                 operands["w_blockwise"] = self._from_weight(
                     "blockwise", lambda: blockwise_weight(self.weight, self.weight_scale_inv))
             y = fp8_matmul_scaled_mm(x_q, x_scale, self.weight, self.weight_scale_inv, **operands)
+        elif self.kernel == "dequantize":
+            acc = torch.promote_types(x.dtype, torch.float32)
+            y = fp8_matmul_dequantized(x_q, x_scale, self.weight, self.weight_scale_inv, accumulate=acc,
+                                       w_dense=self.dequantized_weight(acc))
         else:
             # (tokens, out): float32 accumulation, as DeepSeek's kernels; float64 for a float64 model
             y = fp8_matmul(x_q, x_scale, self.weight, self.weight_scale_inv,

@@ -11,7 +11,7 @@ rounding (FP8 GEMMs aside: they quantize activations, by design).
 | `attn_order` | "auto", "absorbed", "expanded"           | "auto"          | `mla.MLA` with attn_impl="absorb"   |
 | `moe_impl`   | "loop", "grouped"                        | "loop"          | `moe.MoE`                           |
 | `gemm_impl`  | "bf16", "fp8"                            | "bf16"          | checkpoint loading (`FP8Linear`)    |
-| `fp8_kernel` | "emulate", "scaled_mm"                   | "emulate"       | `fp8.FP8Linear`                     |
+| `fp8_kernel` | "emulate", "dequantize", "scaled_mm"     | "emulate"       | `fp8.FP8Linear`, FP8 training       |
 | `layout`     | "tp", "dp"                               | one process     | `dsv3ref.parallel` (attention etc.) |
 | `moe_comm`   | "allreduce", "alltoall"                  | one process     | `dsv3ref.parallel` (routed experts) |
 
@@ -43,7 +43,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "attn_order": ("auto", "absorbed", "expanded"),
     "moe_impl": ("loop", "grouped"),
     "gemm_impl": ("bf16", "fp8"),
-    "fp8_kernel": ("emulate", "scaled_mm"),
+    "fp8_kernel": ("emulate", "dequantize", "scaled_mm"),
     "layout": ("tp", "dp"),
     "moe_comm": ("allreduce", "alltoall"),
 }
@@ -94,7 +94,9 @@ class Implementation:
     """For FP8 checkpoints: "bf16" dequantizes the weights on load; "fp8" keeps them in FP8 and runs
     the block-scaled FP8 GEMM (1 x 128 activation tiles, 128 x 128 weight blocks)."""
     fp8_kernel: str = "emulate"
-    """For gemm_impl="fp8": "emulate" (exact, any device) or "scaled_mm" (torch's scaled_mm)."""
+    """For gemm_impl="fp8": "emulate" (the exact block-scaled GEMM, any device), "dequantize" (the same
+    E4M3 operands and scales, dequantized and multiplied in one GEMM of the activations' precision: the
+    fast path on a CPU) or "scaled_mm" (torch's scaled_mm). See dsv3ref.fp8."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

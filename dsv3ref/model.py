@@ -51,7 +51,7 @@ class DeepseekV3(nn.Module):
     attn_order for "absorb" ("auto", "absorbed", "expanded"), moe_impl "loop" or "grouped",
     gemm_impl "bf16" or "fp8" (the layers the release stores in FP8 become `FP8Linear`: block-scaled
     E4M3 weights, quantized from the random initialization here, read as they are by from_pretrained)
-    and fp8_kernel "emulate" or "scaled_mm"; or as impl=Implementation(...).
+    and fp8_kernel "emulate", "dequantize" or "scaled_mm"; or as impl=Implementation(...).
     The num_nextn_predict_layers MTP modules follow the decoder layers (see dsv3ref.mtp).
     """
 
@@ -367,8 +367,9 @@ class DeepseekV3(nn.Module):
 
         The defaults are the oracle's: float32, the readable paths, an FP8 checkpoint dequantized on
         load (gemm_impl "bf16"). gemm_impl "fp8" keeps FP8 weights in FP8 and runs the block-scaled
-        FP8 GEMM (see dsv3ref.fp8), emulated exactly (fp8_kernel "emulate") or through torch's
-        scaled_mm ("scaled_mm": a CPU, or an SM90 GPU); "auto" (gemm_impl, fp8_kernel, moe_impl, and
+        FP8 GEMM (see dsv3ref.fp8), emulated exactly (fp8_kernel "emulate"), as one GEMM of the
+        dequantized FP8 operands ("dequantize": float32 rounding apart, the same result, faster) or through
+        torch's scaled_mm ("scaled_mm": a CPU, or an SM90 GPU); "auto" (gemm_impl, fp8_kernel, moe_impl, and
         dtype) lets loading decide from the checkpoint and the device (dsv3ref.impl). mtp: load the MTP
         modules (None: as config.json says; False: leave them unread). The other keywords are the
         model's (see the class docstring); `model.load_report` says what loading found.

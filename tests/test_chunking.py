@@ -38,7 +38,7 @@ CHUNKINGS = {"single tokens": [1] * SEQ, "uneven chunks": [5, 1, 6]}
 
 
 def load(folder, gemm, attn_impl, order, moe_impl, dtype):
-    """gemm: "bf16" (weights dequantized on load), "fp8-emulate" or "fp8-scaled_mm"."""
+    """gemm: "bf16" (weights dequantized on load), "fp8-emulate", "fp8-dequantize" or "fp8-scaled_mm"."""
     gemm_impl, _, kernel = gemm.partition("-")
     model = DeepseekV3.from_pretrained(folder, dtype=dtype, attn_impl=attn_impl, moe_impl=moe_impl,
                                        gemm_impl=gemm_impl, fp8_kernel=kernel or "emulate")
@@ -60,7 +60,7 @@ def feed(model, ids, chunks):
 ATTN = [("naive", None), ("absorb", "auto"), ("absorb", "absorbed"), ("absorb", "expanded")]
 COMBOS = [pytest.param(gemm, attn, order, moe, dtype, id=f"{gemm}-{attn}-{order}-{moe}-{str(dtype)[6:]}",
                        marks=[needs_cpu_scaled_mm] if gemm == "fp8-scaled_mm" else [])
-          for gemm in ("bf16", "fp8-emulate", "fp8-scaled_mm")
+          for gemm in ("bf16", "fp8-emulate", "fp8-dequantize", "fp8-scaled_mm")
           for attn, order in ATTN
           for moe in (("loop", "grouped") if gemm == "bf16" else ("loop",))  # FP8 experts run as a loop
           for dtype in (torch.float64, torch.float32, torch.bfloat16)

@@ -26,9 +26,12 @@ from dsv3ref.fp8 import (
     FP8Linear,
     blockwise_operands,
     decode_e4m3,
+    dequantize_columns,
+    dequantize_tiles,
     dequantize_weight,
     dequantize_weight_fast,
     fp8_matmul,
+    fp8_matmul_dequantized,
     fp8_matmul_scaled_mm,
     limited_precision_dot,
     quantize_activation,
@@ -209,6 +212,37 @@ def _quantized_operands(m, k, n, scale_fmt=None, device="cpu"):
     return x_q, x_s, *quantize_weight(w.to(device), scale_fmt=scale_fmt)
 
 
+@pytest.mark.parametrize("m,k", [(300, 200), (5, 60), (256, 384), (130, 129), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dequantized_tiles_are_each_value_times_its_tiles_scale(m, k, dtype):
+    """Bit for bit against the rule written out: every E4M3 value (exact in float32) times the scale of
+    its 1 x 128 tile (row tiles) or 128 x 1 tile (column tiles), one rounding to dtype; partial tiles
+    at the edge (K = 200, 129, 60, 1; M = 300, 130, 5) included."""
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k), dtype=dtype) * 3
+    q, s = quantize_activation(x)
+    want = q.to(dtype) * torch.repeat_interleave(s.to(dtype), 128, dim=1)[:, :k]
+    assert torch.equal(dequantize_tiles(q, s, dtype=dtype), want)
+    q, s = quantize_columns(x)
+    want = q.to(dtype) * torch.repeat_interleave(s.to(dtype), 128, dim=0)[:m]
+    assert torch.equal(dequantize_columns(q, s, dtype=dtype), want)
+
+
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+def test_dequantize_kernel_equals_the_emulation(m, k, n, scale_fmt):
+    """The same quantized operands; one float32 GEMM of their dequantized values instead of exact
+    128-term blocks accumulated in float32: apart by float32 rounding (measured 3-5e-7), and by float64
+    rounding with float64 accumulation."""
+    xq, xs, wq, ws = _quantized_operands(m, k, n, scale_fmt)
+    exact = fp8_matmul(xq, xs, wq, ws)
+    fast = fp8_matmul_dequantized(xq, xs, wq, ws)
+    assert rel_err(fast, exact) < 1e-6
+    assert rel_err(fp8_matmul_dequantized(xq, xs, wq, ws, accumulate=torch.float64),
+                   fp8_matmul(xq, xs, wq, ws, accumulate=torch.float64)) < 1e-14
+    # the operands are the quantized ones, not x and w: a GEMM of other E4M3 values is far off
+    assert rel_err(fp8_matmul_dequantized(xq, xs * 1.0625, wq, ws), exact) > 1e-2
+
+
 needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or scaled_mm_recipe("cuda") != "blockwise",
                                   reason="needs an SM90 GPU (H100/H200) with CUDA >= 12.9")
 
@@ -360,6 +394,17 @@ def test_fp8_model_with_the_scaled_mm_kernel_equals_the_emulated_one(fp8_checkpo
     a, b = trace(emulated, ids), trace(fast, ids)
     assert a["model.layers.1.mlp.gate:ids"].equal(b["model.layers.1.mlp.gate:ids"])  # same routing
     assert rel_err(b["lm_head"], a["lm_head"]) < 1e-5  # float32 rounding inside the blocks, see above
+
+
+def test_fp8_model_with_the_dequantize_kernel_equals_the_emulated_one(fp8_checkpoint):
+    cfg, _, tmp = fp8_checkpoint
+    emulated = DeepseekV3.from_pretrained(tmp / "fp8", gemm_impl="fp8", attn_impl="absorb")
+    fast = DeepseekV3.from_pretrained(tmp / "fp8", gemm_impl="fp8", attn_impl="absorb", fp8_kernel="dequantize")
+    assert fast.model.layers[0].self_attn.kv_b_proj.kernel == "dequantize" and fast.impl.fp8_kernel == "dequantize"
+    ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3))
+    a, b = trace(emulated, ids), trace(fast, ids)
+    assert a["model.layers.1.mlp.gate:ids"].equal(b["model.layers.1.mlp.gate:ids"])  # same routing
+    assert 0 < rel_err(b["lm_head"], a["lm_head"]) < 1e-5  # float32 rounding of the GEMMs, see above
 
 
 @needs_hopper

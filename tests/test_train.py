@@ -18,6 +18,7 @@ from dsv3ref.router import RoutingRecord
 from dsv3ref.routing import capture, routers, update_bias
 from dsv3ref.train import Corpus, FP8LinearFunction, TrainConfig, learning_rate, max_violation, train
 from dsv3ref.train.data import batch, decode, encode, is_validation, stdlib_files
+from dsv3ref.train.fp8 import fp8_training_layers
 from dsv3ref.train.loop import balance_loss, build_model, evaluate
 
 
@@ -252,12 +253,15 @@ def test_each_step_moves_every_router_bias_by_gamma_against_its_load(corpus, tmp
         tmp_path / "n" / "step_000001")).values())
 
 
-def test_fp8_gradients_equal_float64_autograd_of_the_same_quantized_computation():
+@pytest.mark.parametrize("kernel", ["emulate", "dequantize"])
+def test_fp8_gradients_equal_float64_autograd_of_the_same_quantized_computation(kernel):
+    """Either kernel, float32 layer: its three GEMMs within float32 rounding (1e-6) of float64 GEMMs on the
+    same quantized operands, the operands being the report's (and no other: the last two checks)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 300, generator=g, requires_grad=True)  # K = 300: a partial 128-block at the edge
     w = (torch.randn(260, 300, generator=g) * 0.05).requires_grad_()
     dy = torch.randn(200, 260, generator=g)
-    y = FP8LinearFunction.apply(x, w)
+    y = FP8LinearFunction.apply(x, w, None, None, kernel)
     y.backward(dy)
     # the oracle: each operand quantized as the report says, dequantized into float64, then plain float64
     # matmuls differentiated by autograd, with the quantized output gradient fed in
@@ -311,6 +315,55 @@ def test_fp8_gemms_are_the_recipe_written_out_bit_for_bit(m, k, n):
     x_deq = x_q.float() * x_s.repeat_interleave(128, dim=1)[:, :k]  # the forward's FP8 copy, dequantized
     dw = tile_matmul(*quantize_activation(dy.T.contiguous()), *quantize_activation(x_deq.T.contiguous()))
     assert torch.equal(w.grad.view(torch.int32), dw.view(torch.int32))
+
+
+def test_the_dequantize_kernel_trains_as_the_emulation_does_to_rounding():
+    """fp8_kernel "dequantize" against "emulate": the same quantized operands, other GEMM arithmetic. One
+    layer in float32: Fprop, Dgrad and Wgrad apart by float32 rounding (measured 2-4e-7; bound 1e-6), and
+    not the same bits (another path really ran). A whole model's loss and gradients in float64: apart by
+    float64 rounding (measured 7e-16; bound 1e-12). (A whole float32 model is no test of the GEMMs: a
+    last-bit difference tips an activation to the neighbouring E4M3 value or a token to another expert.)"""
+    from dsv3ref.train.loop import small_config
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(130, 300, generator=g)
+    w = torch.randn(200, 300, generator=g) * 0.05
+    dy = torch.randn(130, 200, generator=g)
+    got = {}
+    for kernel in ("emulate", "dequantize"):
+        xk, wk = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = FP8LinearFunction.apply(xk, wk, None, None, kernel)
+        y.backward(dy)
+        got[kernel] = (y.detach(), xk.grad, wk.grad)
+    for exact, fast in zip(got["emulate"], got["dequantize"], strict=True):
+        assert 0 < rel_err(fast, exact) < 1e-6
+    cfg = small_config(**_tiny())
+    ids = torch.randint(0, 256, (2, 33), generator=g)
+    models = {}
+    for kernel in ("emulate", "dequantize"):
+        torch.manual_seed(0)
+        model = DeepseekV3(cfg)
+        fp8_training_layers(model, kernel)
+        model = model.double()
+        loss = model.loss(ids)["loss"]
+        loss.backward()
+        models[kernel] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (loss_e, grads_e), (loss_d, grads_d) = models["emulate"], models["dequantize"]
+    assert abs(loss_d - loss_e) <= 1e-12 * loss_e and grads_e.keys() == grads_d.keys()
+    for name, grad in grads_e.items():
+        assert rel_err(grads_d[name], grad) < 1e-12, name
+
+
+def test_fp8_kernel_is_checked_where_training_is_configured():
+    from dsv3ref.cli import main
+    with pytest.raises(ValueError, match="fp8_kernel: found 'scaled_mm', FP8 training runs one of "
+                                         r"\('emulate', 'dequantize'\)"):
+        TrainConfig(fp8=True, fp8_kernel="scaled_mm")
+    with pytest.raises(ValueError, match="fp8_kernel: found 'fast', expected one of"):
+        TrainConfig(fp8=True, fp8_kernel="fast")
+    with pytest.raises(ValueError, match="fp8_kernel='dequantize' chooses how FP8 GEMMs multiply: it needs fp8=True"):
+        TrainConfig(fp8_kernel="dequantize")
+    with pytest.raises(SystemExit):
+        main(["train", "--fp8", "--fp8-kernel", "scaled_mm"])  # argparse: not a choice of train
 
 
 def test_an_activation_read_by_two_fp8_layers_is_quantized_once(monkeypatch):

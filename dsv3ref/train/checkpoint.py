@@ -43,7 +43,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 TRAJECTORY_FIELDS = ("seed", "steps", "batch_size", "seq_len", "lr", "min_lr", "warmup", "weight_decay", "grad_clip",
                      "mtp_lambda", "mtp_lambda_late", "mtp_switch", "balance", "gamma", "gamma_late", "gamma_switch",
                      "aux_alpha", "seq_alpha",
-                     "fp8", "max_corpus_bytes", "model", "dtype", "attn_impl")
+                     "fp8", "fp8_kernel", "max_corpus_bytes", "model", "dtype", "attn_impl")
 """TrainConfig fields that change what a run computes after a resume (`steps` too: the cosine schedule
 ends at it). The others (out_dir, eval_every, eval_batches, save_every, progress, device) change
 where results go, what is measured on the side, or the hardware, not the weights."""

@@ -30,8 +30,10 @@ import torch
 from torch import nn
 
 from dsv3ref.fp8 import (
-    BLOCK,
     decode_e4m3,
+    dequantize_columns,
+    dequantize_tiles,
+    dequantize_weight_fast,
     quantize_activation,
     quantize_columns,
     quantize_weight,
@@ -40,7 +42,20 @@ from dsv3ref.fp8 import (
     rows_of_blocks,
     tile_matmul_decoded,
 )
+from dsv3ref.impl import check_choice
 from dsv3ref.memo import derived
+
+TRAINING_KERNELS = ("emulate", "dequantize")
+"""The fp8_kernel values FP8 training runs (dsv3ref.impl's vocabulary); "scaled_mm" is inference's."""
+
+
+def training_kernel(kernel: str) -> str:
+    """kernel, checked: one of the vocabulary's fp8_kernel values, and one FP8 training runs."""
+    check_choice("fp8_kernel", kernel)
+    if kernel not in TRAINING_KERNELS:
+        raise ValueError(f"fp8_kernel: found {kernel!r}, FP8 training runs one of {TRAINING_KERNELS} "
+                         "(torch's scaled_mm is inference's kernel here)")
+    return kernel
 
 
 class ActivationTiles:
@@ -56,15 +71,17 @@ class ActivationTiles:
     def __init__(self, x: torch.Tensor):
         self.q, self.scale = quantize_activation(x)  # (M, K), (M, Kb): 1 x 128 tiles
         self.readers = 0
-        self._columns: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._columns = None  # Wgrad's operand, see columns()
 
-    def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (M, K) in 128 x 1 tiles, decoded to float64 (E4M3 values, exact), and their scales (Mb, K)."""
-        if self._columns is None:
-            x_deq = decode_e4m3(self.q) * self.scale.repeat_interleave(BLOCK, dim=1)[:, :self.q.shape[1]]  # (M, K)
-            x_q, x_s = quantize_columns(x_deq)  # (M, K), (Mb, K)
-            self._columns = decode_e4m3(x_q, torch.float64), x_s
-        return self._columns
+    def columns(self, kernel: str, dtype: torch.dtype):
+        """x (M, K) in 128 x 1 tiles as Wgrad's `kernel` reads it: for "emulate", the E4M3 values decoded
+        to float64 (exact) and their scales (Mb, K); for "dequantize", the values times their scales
+        (M, K) in dtype."""
+        if self._columns is None or self._columns[0] != (kernel, dtype):
+            x_q, x_s = quantize_columns(dequantize_tiles(self.q, self.scale))  # (M, K), (Mb, K)
+            self._columns = (kernel, dtype), (dequantize_columns(x_q, x_s, dtype=dtype) if kernel == "dequantize"
+                                              else (decode_e4m3(x_q, torch.float64), x_s))
+        return self._columns[1]
 
     def read(self) -> None:
         """A reader's backward pass has used `columns()` (dropped after the last reader)."""
@@ -84,43 +101,57 @@ class FP8LinearFunction(torch.autograd.Function):
 
     weight_q: W quantized in 128 x 128 blocks, (E4M3 (N, K), scales (Nb, Kb)), when the caller has it
     (FP8TrainLinear quantizes once per optimizer step); None quantizes it here. tiles: x's
-    ActivationTiles when the caller shares them between layers (FP8TrainLinear); None quantizes x here."""
+    ActivationTiles when the caller shares them between layers (FP8TrainLinear); None quantizes x here.
+    kernel: how each GEMM multiplies its quantized operands (dsv3ref.impl's fp8_kernel): "emulate",
+    `tile_matmul`'s exact 128-term blocks accumulated in float32 (the oracle), or "dequantize", the same
+    operands dequantized and multiplied in one GEMM of the accumulation dtype (`fp8_matmul_dequantized`:
+    float32 rounding apart, the same result at the speed of a float32 GEMM)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor,
                 weight_q: tuple[torch.Tensor, torch.Tensor] | None = None,
-                tiles: ActivationTiles | None = None) -> torch.Tensor:
+                tiles: ActivationTiles | None = None, kernel: str = "emulate") -> torch.Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
         w_q, w_s = weight_q if weight_q is not None else quantize_weight(weight.detach())  # 128 x 128 blocks
-        w64 = decode_e4m3(w_q, torch.float64)  # (N, K): E4M3 values, exact; Fprop and Dgrad share it
         tiles = tiles if tiles is not None else ActivationTiles(x.detach())  # (M, K) in 1 x 128 tiles
         tiles.readers += 1
         ctx.tiles = tiles  # the activation kept in FP8, as the report caches it
+        ctx.x_dtype, ctx.kernel = x.dtype, kernel
+        if kernel == "dequantize":
+            w = dequantize_weight_fast(w_q, w_s, dtype=acc)  # (N, K): Fprop and Dgrad share it
+            ctx.save_for_backward(w)
+            return (dequantize_tiles(tiles.q, tiles.scale, dtype=acc) @ w.T).to(x.dtype)  # (M, K) @ (K, N)
+        w64 = decode_e4m3(w_q, torch.float64)  # (N, K): E4M3 values, exact; Fprop and Dgrad share it
         ctx.save_for_backward(w64, w_s)
-        ctx.x_dtype = x.dtype
         y = tile_matmul_decoded(decode_e4m3(tiles.q, torch.float64), tiles.scale, w64,
                                 rows_of_blocks(w_s, w_q.shape[0]), accumulate=acc)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        w64, w_s = ctx.saved_tensors
         acc = torch.promote_types(ctx.x_dtype, torch.float32)
         # Dgrad: dx (M, K) = dy (M, N) @ W (N, K); contraction over N: dy in 1 x 128 tiles along N,
         # W^T (K, N) with the forward's blocks (transposed), one scale per row of W^T per N block.
         dy_q, dy_s = quantize_activation(dy)
-        w_t_scale = rows_of_blocks(w_s.T.contiguous(), w64.shape[1])  # (K, Nb)
-        dx = tile_matmul_decoded(decode_e4m3(dy_q, torch.float64), dy_s, w64.T, w_t_scale, accumulate=acc)
         # Wgrad: dW (N, K) = dy^T (N, M) @ x (M, K); contraction over tokens M: both in 128 x 1 tiles. x
         # is the forward's FP8 copy, dequantized, transposed and quantized again in 128 x 1 tiles (the
         # report, section 3.5.2: "read out, dequantized, transposed, re-quantized into 128x1 tiles"), once
         # for all the layers that read it. Both are quantized along their columns where they lie
         # (quantize_columns: the transposed copy's numbers) and the GEMM reads them transposed.
         dy_cq, dy_cs = quantize_columns(dy)  # (M, N), (Mb, N)
-        x64, x_cs = ctx.tiles.columns()  # (M, K), (Mb, K)
+        x_columns = ctx.tiles.columns(ctx.kernel, acc)
         ctx.tiles.read()
-        dw = tile_matmul_decoded(decode_e4m3(dy_cq, torch.float64).T, dy_cs.T, x64.T, x_cs.T, accumulate=acc).float()
-        return dx.to(ctx.x_dtype), dw, None, None
+        if ctx.kernel == "dequantize":
+            w, = ctx.saved_tensors
+            dx = dequantize_tiles(dy_q, dy_s, dtype=acc) @ w  # (M, N) @ (N, K)
+            dw = dequantize_columns(dy_cq, dy_cs, dtype=acc).T @ x_columns  # (N, M) @ (M, K)
+        else:
+            w64, w_s = ctx.saved_tensors
+            w_t_scale = rows_of_blocks(w_s.T.contiguous(), w64.shape[1])  # (K, Nb)
+            dx = tile_matmul_decoded(decode_e4m3(dy_q, torch.float64), dy_s, w64.T, w_t_scale, accumulate=acc)
+            x64, x_cs = x_columns  # (M, K), (Mb, K)
+            dw = tile_matmul_decoded(decode_e4m3(dy_cq, torch.float64).T, dy_cs.T, x64.T, x_cs.T, accumulate=acc)
+        return dx.to(ctx.x_dtype), dw.float(), None, None, None
 
 
 class FP8TrainLinear(nn.Module):
@@ -131,11 +162,15 @@ class FP8TrainLinear(nn.Module):
     weight changes in place (its version counter moves) or is replaced reuses the same E4M3 blocks,
     so micro-batches of one step (gradient accumulation, a pipeline's micro-batches) share them."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, kernel: str = "emulate"):
         super().__init__()
+        self.kernel = training_kernel(kernel)
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.quantizations = 0  # how many times the weight was quantized (tests count them)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 kernel={self.kernel}"
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(E4M3 weight, 128 x 128 block scales) of the weight's current value."""
@@ -148,12 +183,13 @@ class FP8TrainLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        y = FP8LinearFunction.apply(flat, self.weight, self.quantized_weight(), activation_tiles(x))
+        y = FP8LinearFunction.apply(flat, self.weight, self.quantized_weight(), activation_tiles(x), self.kernel)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def fp8_training_layers(model: nn.Module) -> int:
+def fp8_training_layers(model: nn.Module, kernel: str = "emulate") -> int:
     """Replace every linear layer the release stores in FP8 (dsv3ref.fp8.FP8_WEIGHT) by an
-    FP8TrainLinear with the same weight; returns how many. Embeddings, norms, routers, eh_proj and the
-    head stay in float32, as in the report's framework."""
-    return replace_fp8_layers(model, lambda layer: FP8TrainLinear(layer.weight))
+    FP8TrainLinear with the same weight, its GEMMs run by `kernel`; returns how many. Embeddings, norms,
+    routers, eh_proj and the head stay in float32, as in the report's framework."""
+    training_kernel(kernel)
+    return replace_fp8_layers(model, lambda layer: FP8TrainLinear(layer.weight, kernel))

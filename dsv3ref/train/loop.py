@@ -33,7 +33,7 @@ from dsv3ref.model import DeepseekV3
 from dsv3ref.routing import DEFAULT_GAMMA, capture, routers, sequence_balance_loss, update_bias
 from dsv3ref.train.checkpoint import load_checkpoint, save_checkpoint, step_folder
 from dsv3ref.train.data import VOCAB_SIZE, Corpus, batch
-from dsv3ref.train.fp8 import fp8_training_layers
+from dsv3ref.train.fp8 import fp8_training_layers, training_kernel
 from dsv3ref.train.run_folder import METRICS_FILE, MetricsLog, claim
 
 BALANCE = ("bias", "aux", "none")
@@ -85,6 +85,11 @@ class TrainConfig:
     """Weight of the sequence-wise balance loss (report: 0.0001; 0 switches it off)."""
     fp8: bool = False
     """Train the FP8 layers' GEMMs in FP8 (dsv3ref.train.fp8)."""
+    fp8_kernel: str = "emulate"
+    """With fp8: how the FP8 GEMMs multiply (dsv3ref.impl's fp8_kernel): "emulate", the exact
+    block-scaled recipe (the oracle), or "dequantize", the same E4M3 operands and scales multiplied in
+    one float32 GEMM (float32 rounding apart, the same gradients, in about 1.8x the float32 step's time
+    where "emulate" takes 2.6x: benchmarks/train_step.py)."""
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 0
@@ -135,6 +140,9 @@ class TrainConfig:
             raise ValueError(f"device: expected a device such as 'cpu', 'cuda' or 'cuda:1', found {self.device!r}"
                              ) from None
         check_choice("attn_impl", self.attn_impl)
+        training_kernel(self.fp8_kernel)
+        if self.fp8_kernel != "emulate" and not self.fp8:
+            raise ValueError(f"fp8_kernel={self.fp8_kernel!r} chooses how FP8 GEMMs multiply: it needs fp8=True")
         if self.fp8 and self.attn_impl != "naive":  # absorbed, kv_b_proj's weight would be read outside FP8
             raise ValueError(f"attn_impl: found {self.attn_impl!r} with fp8=True; FP8 training runs the "
                              "readable attention, expected 'naive'")
@@ -231,7 +239,7 @@ def build_model(cfg: TrainConfig) -> DeepseekV3:
     torch.manual_seed(cfg.seed)
     model = DeepseekV3(small_config(**cfg.model), attn_impl=cfg.attn_impl)
     if cfg.fp8:
-        fp8_training_layers(model)
+        fp8_training_layers(model, cfg.fp8_kernel)
     return model.to(device=cfg.device, dtype=DTYPES[cfg.dtype]).train()
 
 
