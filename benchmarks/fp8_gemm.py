@@ -1,5 +1,7 @@
-"""The block-scaled FP8 GEMM at DeepSeek-V3's projection shapes: dsv3ref's exact emulation and its
-scaled_mm path, against a dense GEMM on the dequantized weight.
+"""The block-scaled FP8 GEMM at DeepSeek-V3's projection shapes: dsv3ref's exact emulation, its
+dequantize path (fp8_kernel "dequantize": the weight dequantized once, as FP8Linear keeps it, the
+activation's tiles at every call, one float32 GEMM) and its scaled_mm path, against a dense GEMM on
+the dequantized weight.
 
     python benchmarks/fp8_gemm.py                      # CPU, 1 and 64 tokens
     python benchmarks/fp8_gemm.py --device cuda --tokens 1 512 4096
@@ -22,6 +24,7 @@ from common import best_of, machine
 from dsv3ref.fp8 import (
     dequantize_weight,
     fp8_matmul,
+    fp8_matmul_dequantized,
     fp8_matmul_scaled_mm,
     quantize_activation,
     quantize_weight,
@@ -59,12 +62,14 @@ def main() -> None:
             continue
         w_q, w_s = quantize_weight((torch.randn(n, k, generator=g) * 0.02).to(device))
         w_dense = dequantize_weight(w_q, w_s, dtype=dense_dtype)  # (n, k)
+        w_float = w_dense if dense_dtype == torch.float32 else dequantize_weight(w_q, w_s)  # what FP8Linear keeps
         for m in args.tokens:
             x = torch.randn(m, k, generator=g).to(device)
             x_q, x_s = quantize_activation(x)
             contenders = {
                 "dense (dequantized)": partial(torch.matmul, x.to(dense_dtype), w_dense.T),
                 "dsv3ref emulate": partial(fp8_matmul, x_q, x_s, w_q, w_s),
+                "dsv3ref dequantize": partial(fp8_matmul_dequantized, x_q, x_s, w_q, w_s, w_dense=w_float),
             }
             if recipe is not None:  # the weight laid out once, as FP8Linear keeps it
                 prepared = rowwise_weight(w_q, w_s) if recipe == "rowwise" else None
