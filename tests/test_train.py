@@ -362,6 +362,8 @@ def test_fp8_kernel_is_checked_where_training_is_configured():
         TrainConfig(fp8=True, fp8_kernel="fast")
     with pytest.raises(ValueError, match="fp8_kernel='dequantize' chooses how FP8 GEMMs multiply: it needs fp8=True"):
         TrainConfig(fp8_kernel="dequantize")
+    with pytest.raises(ValueError, match="fp8_kernel: found 'dequantise', expected one of"):
+        FP8LinearFunction.apply(torch.ones(2, 3), torch.ones(4, 3), None, None, "dequantise")
     with pytest.raises(SystemExit):
         main(["train", "--fp8", "--fp8-kernel", "scaled_mm"])  # argparse: not a choice of train
 
