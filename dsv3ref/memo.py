@@ -7,6 +7,7 @@ Several parts of dsv3ref derive something from a tensor that many calls then rea
 | an attention mask | its additive bias, whether it is plainly causal (`mla`) | every layer of one forward |
 | an FP8 layer's master weight | its E4M3 128 x 128 blocks (`train.fp8`) | every micro-batch of one optimizer step |
 | an activation | its FP8 tiles (`train.fp8`) | every FP8 layer that reads it (gate_proj and up_proj) |
+| FP8 weight blocks | their float64 or dequantized form (`train.fp8`) | every micro-batch of one step |
 
 `derived(tensor, what, make)` makes the value on the first call and returns it while the tensor keeps
 its value: the same tensor object (by identity, not by equal numbers) with its version counter

@@ -445,6 +445,27 @@ def test_an_fp8_layer_quantizes_its_weight_once_per_value_it_takes():
     assert torch.equal(layer(xs[0]), FP8LinearFunction.apply(xs[0], layer.weight)) and layer.quantizations == 3
 
 
+@pytest.mark.parametrize("kernel", ["emulate", "dequantize"])
+def test_micro_batches_share_the_weights_gemm_form(kernel, monkeypatch):
+    """The weight's form for the GEMMs (decoded to float64, or dequantized) is made once per E4M3 blocks,
+    so once per optimizer step however many micro-batches run, and again after the step."""
+    from dsv3ref import train as train_package
+    from dsv3ref.train import FP8TrainLinear
+    made = []
+    name = "dequantize_weight_fast" if kernel == "dequantize" else "decode_e4m3"
+    real = getattr(train_package.fp8, name)
+    monkeypatch.setattr(train_package.fp8, name, lambda q, *a, **k: made.append(tuple(q.shape)) or real(q, *a, **k))
+    g = torch.Generator().manual_seed(2)
+    layer = FP8TrainLinear(torch.randn(256, 384, generator=g) * 0.05, kernel)
+    xs = [torch.randn(64, 384, generator=g) for _ in range(3)]
+    for x in xs:
+        layer(x).square().sum().backward()
+    assert made.count((256, 384)) == 1
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    layer(xs[0])
+    assert made.count((256, 384)) == 2
+
+
 def test_a_short_fp8_run_stays_close_to_float32(corpus, tmp_path):
     """Bounds from what E4M3 allows, measured over seeds 0-3: each operand rounded to 3 mantissa bits
     (relative error up to 2^-4 an element, averaging out over 64-128 products) moves the first step's

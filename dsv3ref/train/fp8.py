@@ -122,11 +122,13 @@ class FP8LinearFunction(torch.autograd.Function):
         tiles.readers += 1
         ctx.tiles = tiles  # the activation kept in FP8, as the report caches it
         ctx.x_dtype, ctx.kernel = x.dtype, kernel
+        # The weight's form for the GEMMs, kept with its E4M3 blocks (made once per blocks: once per
+        # optimizer step when FP8TrainLinear keeps them, not once per micro-batch); Fprop and Dgrad share it.
         if kernel == "dequantize":
-            w = dequantize_weight_fast(w_q, w_s, dtype=acc)  # (N, K): Fprop and Dgrad share it
+            w = derived(w_q, ("dense", acc), lambda: dequantize_weight_fast(w_q, w_s, dtype=acc))  # (N, K)
             ctx.save_for_backward(w)
             return (dequantize_tiles(tiles.q, tiles.scale, dtype=acc) @ w.T).to(x.dtype)  # (M, K) @ (K, N)
-        w64 = decode_e4m3(w_q, torch.float64)  # (N, K): E4M3 values, exact; Fprop and Dgrad share it
+        w64 = derived(w_q, "float64", lambda: decode_e4m3(w_q, torch.float64))  # (N, K): E4M3 values, exact
         ctx.save_for_backward(w64, w_s)
         y = tile_matmul_decoded(decode_e4m3(tiles.q, torch.float64), tiles.scale, w64,
                                 rows_of_blocks(w_s, w_q.shape[0]), accumulate=acc)
@@ -165,7 +167,8 @@ class FP8TrainLinear(nn.Module):
 
     The weight is quantized once per value it takes (once per optimizer step): every call until the
     weight changes in place (its version counter moves) or is replaced reuses the same E4M3 blocks,
-    so micro-batches of one step (gradient accumulation, a pipeline's micro-batches) share them."""
+    so micro-batches of one step (gradient accumulation, a pipeline's micro-batches) share them, and
+    the form the GEMMs read (decoded to float64, or dequantized), kept with the blocks."""
 
     def __init__(self, weight: torch.Tensor, kernel: str = "emulate"):
         super().__init__()
